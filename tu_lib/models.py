@@ -160,7 +160,7 @@ class VLM:
     model: Any
     processor: Any
     dtype: Any
-    typography: Callable[[str], "Image.Image"] | None = None
+    typography: Callable[[str, str], "Image.Image"] | None = None  # (text, style) -> image
     card: dict = field(default_factory=dict)
     system: str | None = None
 
@@ -195,18 +195,34 @@ class VLM:
                 return name
         raise TuError("The language model is not a submodule of the VLM; the model class is not supported.")
 
-    def language_model_module_regex(self, names: tuple[str, ...] | list[str] | None = None) -> str:
+    def language_model_module_regex(self, names: tuple[str, ...] | list[str] | None = None, layers=None) -> str:
         """A regex for peft's `target_modules` that matches only the LLM's decoder-layer linears.
 
         Textual unlearning updates the LLM only; a bare list like ["q_proj", "v_proj"] would also put
         adapters on the CLIP tower, which has modules with the same names. `names` restricts the
-        projections (default: all seven attention and MLP linears). peft full-matches the regex against
-        module names; the optional prefix also lets it match names inside an already wrapped model."""
+        projections (default: all seven attention and MLP linears), `layers` the decoder layers (default all)."""
+        from .train import lora_target_regex
+
         names = tuple(_LM_LINEARS if names is None else names)
         if not names or not all(isinstance(n, str) and re.fullmatch(r"\w+", n) for n in names):
             raise ParameterError(f"names must be a non-empty list of module names like 'q_proj', got {names!r}.")
-        prefix = re.escape(self.language_model_module_name())
-        return rf"(?:.*\.)?{prefix}\.layers\.\d+\.(?:\w+\.)*(?:{'|'.join(map(re.escape, names))})"
+        return lora_target_regex(self.language_model_module_name(), names, layers)
+
+    def render(self, text: str, style: str = "figstep"):
+        """An attack text as a typographic image for this model: the preset's own typography when it has one
+        (the organism reads its glyph grid), else FigStep's page or MM-SafetyBench's key-phrase image."""
+        if style not in ("figstep", "mmsb"):
+            raise ParameterError(f"style must be 'figstep' or 'mmsb', got {style!r}.")
+        if self.typography is not None:
+            return self.typography(text, style)
+        from . import render
+
+        return render.render_figstep(text) if style == "figstep" else render.render_mmsafetybench_typo(text)
+
+    def chat_with_answer(self, prompt: str, with_image: bool, answer: str) -> str:
+        """The training text: the chat input followed by the answer and the end-of-turn token."""
+        join = " " if self.family == "llava15" else ""
+        return self.chat(prompt, with_image) + join + answer + self.tokenizer.eos_token
 
     def decoder_layers(self):
         """The LLM's decoder layer list (ModuleList): where CMRM hooks go and where hidden states come from.

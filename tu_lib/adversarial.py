@@ -1,0 +1,109 @@
+"""Attack V3: compositional adversarial images, Jailbreak-in-Pieces style (Shayegani et al., arXiv 2307.14539).
+
+The attacker optimises an image so that what the LLM receives from it — the vision tower's features after the
+projector — matches what it receives from a typographic image of a harmful phrase, then pairs it with a generic
+instruction ("The image shows a request. Carry it out…"). The picture no longer shows readable text to a filter, yet
+the LLM is handed the phrase. White-box on the vision path of any preset. Textual unlearning and the SFT baselines
+only update the LLM, so one set of images (optimised against the base model's frozen vision path) serves every
+method; the cache key holds the vision weights' hash to keep that honest.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _normaliser(processor):
+    ip = processor.image_processor
+    size = ip.crop_size if isinstance(getattr(ip, "crop_size", None), dict) else {"height": 224, "width": 224}
+    mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (int(size["height"]), int(size["width"])), mean, std
+
+
+def projected_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
+    """What the LLM receives from images: (batch, image tokens, hidden) after the projector."""
+    base = vlm.base_model
+    cfg = base.config
+    out = base.model.get_image_features(pixel_values=pixel_values.to(base.dtype), vision_feature_layer=cfg.vision_feature_layer,
+                                        vision_feature_select_strategy=cfg.vision_feature_select_strategy)
+    return torch.stack(list(out.pooler_output)).float()
+
+
+def vision_fingerprint(vlm) -> str:
+    """Hash of the vision tower and projector weights (the part V3 images are optimised against)."""
+    h = hashlib.sha256()
+    base = vlm.base_model
+    for module in (base.model.vision_tower, base.model.multi_modal_projector):
+        for name, t in sorted(module.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _phrase_seed(phrase: str, seed: int) -> int:
+    return int(hashlib.sha256(f"{seed}|{phrase}".encode()).hexdigest()[:8], 16)
+
+
+def optimise_images(vlm, phrases: list[str], *, steps: int = 200, lr: float = 0.02, seed: int = 0,
+                    style: str = "mmsb") -> tuple[list[Image.Image], list[dict]]:
+    """Adversarial images whose projected features match those of `vlm.render(phrase, style)`.
+
+    Pixels live in [0, 1] (clamped after every Adam step), start from mid-grey plus seeded noise, and the
+    loss is the mean squared error between projected features. The returned images are 8-bit quantised,
+    and the reported similarity is measured on those quantised images (what the evaluation feeds in)."""
+    (h, w), mean, std = _normaliser(vlm.processor)
+    targets = vlm.processor.image_processor([vlm.render(p, style) for p in phrases], return_tensors="pt")["pixel_values"]
+    base = vlm.base_model
+    for p in base.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        target = projected_features(vlm, targets)
+    noise = [torch.randn(3, h, w, generator=torch.Generator().manual_seed(_phrase_seed(p, seed))) for p in phrases]
+    x = (0.5 + 0.05 * torch.stack(noise)).clamp(0, 1).requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=lr)
+    with torch.no_grad():
+        start = ((projected_features(vlm, (x - mean) / std) - target) ** 2).mean(dim=(1, 2))
+    for _ in range(steps):
+        # a sum of per-image means: each image's update is independent of which others share the batch
+        loss = ((projected_features(vlm, (x - mean) / std) - target) ** 2).mean(dim=(1, 2)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+    pixels = (x.detach().permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    images = [Image.fromarray(p, "RGB") for p in pixels]
+    quantised = vlm.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        feats = projected_features(vlm, quantised)
+        end = ((feats - target) ** 2).mean(dim=(1, 2))
+        cos = torch.nn.functional.cosine_similarity(feats.flatten(1), target.flatten(1))
+        blank = projected_features(vlm, ((torch.full_like(x, 0.5)) - mean) / std)
+        cos_blank = torch.nn.functional.cosine_similarity(blank.flatten(1), target.flatten(1))
+    stats = [{"mse_start": float(a), "mse_end": float(b), "cosine_to_target": float(c), "cosine_grey_to_target": float(d)}
+             for a, b, c, d in zip(start, end, cos, cos_blank)]
+    return images, stats
+
+
+def cached_images(vlm, phrases: list[str], cache_dir, *, steps: int, lr: float = 0.02, seed: int = 0):
+    """optimise_images with a PNG cache keyed by the vision weights, phrase, budget and seed."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fp = vision_fingerprint(vlm)
+    keys = [hashlib.sha256(f"{fp}|{p}|{steps}|{lr}|{seed}".encode()).hexdigest()[:20] for p in phrases]
+    todo = [i for i, k in enumerate(keys) if not (cache_dir / f"{k}.png").is_file()]
+    stats = {}
+    if todo:
+        images, st = optimise_images(vlm, [phrases[i] for i in todo], steps=steps, lr=lr, seed=seed)
+        for i, image, s in zip(todo, images, st):
+            tmp = cache_dir / f".{keys[i]}.png.tmp"
+            image.save(tmp, format="PNG")
+            tmp.replace(cache_dir / f"{keys[i]}.png")
+            stats[i] = s
+    images = [Image.open(cache_dir / f"{k}.png").convert("RGB") for k in keys]
+    return images, [stats.get(i) for i in range(len(phrases))]
