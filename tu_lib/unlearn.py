@@ -236,8 +236,10 @@ def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path)
 
 
 def prepare_data(vlm, P: dict) -> UnlearnData:
+    from .params import resolve_path
+
     forget, retain, inputs = load_sets(P["data_dir"], P["n_forget"])
-    rows = forget_answers(vlm, forget, P["answer_tokens"], Path(P["out_dir"]))
+    rows = forget_answers(vlm, forget, P["answer_tokens"], resolve_path(P["out_dir"]))
     normal = [{"prompt": r["prompt"], "answer": r["answer"]} for r in retain]
     return UnlearnData(forget=rows, normal=normal, mismatch_answers=mismatch_pool(retain), inputs=inputs)
 
