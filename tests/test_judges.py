@@ -228,7 +228,7 @@ def test_on_topic_input_checks():
 
 
 def test_registry():
-    assert set(J.JUDGES) == {"refusal_keywords", "on_topic"}
+    assert set(J.JUDGES) == {"refusal_keywords", "on_topic", "harmfulness", "fluency", "llama_guard"}
     ref = J.get_judge("refusal_keywords")
     assert (ref.name, ref.version) == ("refusal_keywords", "refusal_keywords/gcg-29@1")
     assert J.get_judge("refusal_keywords", prefixes="gcg-13").version == "refusal_keywords/gcg-13@1"
@@ -236,4 +236,4 @@ def test_registry():
     assert (top.name, top.version, top.threshold) == ("on_topic", "on_topic/minilm-l6@1", 0.4)
     assert ref.provenance() == {"judge": "refusal_keywords", "judge_version": "refusal_keywords/gcg-29@1"}
     with pytest.raises(TuError, match="refusal_keywords, on_topic"):
-        J.get_judge("harmfulness")
+        J.get_judge("gpt4_judge")

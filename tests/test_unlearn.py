@@ -1,14 +1,14 @@
 """Stage 02 (unlearning) on the `micro` preset: resumable training that ends bit-identical, each loss term
 moving the way the recipe says, LoRA on the LLM only, and bad input refused before any training."""
 import hashlib
-import json
 
-import papermill as pm
 import pytest
 import torch
 
 from tu_lib import models, unlearn
 from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
+
+from notebook_helpers import stops_early
 
 NB = repo_root() / "notebooks" / "02_unlearn.ipynb"
 
@@ -204,28 +204,15 @@ def test_train_rejects_bad_config_before_loading_anything(micro_data, tmp_path):
         unlearn.train(vlm, data, cfg(lora_first_layer=7), tmp_path / "bad")
 
 
-def _failing_notebook(tmp_path, message, cell, **parameters):
-    parameters = {"profile": "smoke", "out_dir": str(tmp_path / "runs"), "fig_dir": str(tmp_path / "figures"), **parameters}
-    with pytest.raises(pm.PapermillExecutionError) as err:
-        pm.execute_notebook(str(NB), str(tmp_path / "out.ipynb"), parameters=parameters, progress_bar=False,
-                            kernel_name="python3", cwd=str(NB.parent))
-    assert message in str(err.value), str(err.value)[-500:]
-    nb = json.loads((tmp_path / "out.ipynb").read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"
-            and not {"parameters", "injected-parameters"} & set(c["metadata"].get("tags", []))]
-    assert any(o.get("output_type") == "error" for o in code[cell]["outputs"])
-    assert not (tmp_path / "runs").exists() and not (tmp_path / "figures").exists()
-
-
 def test_notebook_stops_on_a_bad_method_before_any_training(tmp_path):
-    _failing_notebook(tmp_path, "unknown method(s) ['textual_gaa']", 0, methods="textual_gaa")
+    stops_early(NB, tmp_path, "unknown method(s) ['textual_gaa']", 0, methods="textual_gaa")
 
 
 def test_notebook_stops_when_stage01_has_not_run(tmp_path):
-    _failing_notebook(tmp_path, "run stage 01 first", 0, data_dir=str(tmp_path / "nowhere"))
+    stops_early(NB, tmp_path, "run stage 01 first", 0, data_dir=str(tmp_path / "nowhere"))
 
 
 def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TU_MODEL_DIR", str(tmp_path / "no_models"))
-    _failing_notebook(tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(stage01))
+    stops_early(NB, tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(stage01))

@@ -19,10 +19,9 @@ from PIL import Image
 
 def _normaliser(processor):
     ip = processor.image_processor
-    size = ip.crop_size if isinstance(getattr(ip, "crop_size", None), dict) else {"height": 224, "width": 224}
     mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (int(size["height"]), int(size["width"])), mean, std
+    return mean, std
 
 
 def projected_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -56,8 +55,9 @@ def optimise_images(vlm, phrases: list[str], *, steps: int = 200, lr: float = 0.
     Pixels live in [0, 1] (clamped after every Adam step), start from mid-grey plus seeded noise, and the
     loss is the mean squared error between projected features. The returned images are 8-bit quantised,
     and the reported similarity is measured on those quantised images (what the evaluation feeds in)."""
-    (h, w), mean, std = _normaliser(vlm.processor)
+    mean, std = _normaliser(vlm.processor)
     targets = vlm.processor.image_processor([vlm.render(p, style) for p in phrases], return_tensors="pt")["pixel_values"]
+    h, w = targets.shape[-2:]  # the model's input size, as its own processor makes it
     base = vlm.base_model
     for p in base.parameters():
         p.requires_grad_(False)

@@ -208,6 +208,18 @@ def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path) -> 
                               batch_size=P["batch_size"], desc=method)
 
 
+def fluency_reference(vlm):
+    """(model, tokenizer, chat) the fluency judge scores answers under: a frozen reference, never the model
+    under test (its own greedy output always looks fluent to itself). The organism's pre-alignment SmolLM2
+    backbone; for other presets the base VLM (adapters are only applied inside generation)."""
+    if vlm.preset == "organism":
+        from . import organism
+
+        lm, tok = organism.load_backbone()
+        return lm.eval(), tok, lambda p: organism.chat(tok, p)
+    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
+
+
 class Judges:
     """The chosen judges, built once (the harmfulness classifier is fitted on the vendored labels)."""
 
@@ -220,8 +232,12 @@ class Judges:
         self.on_topic = None
         if "on_topic" in names:
             self.on_topic = judges.OnTopicJudge.from_dict(on_topic_card) if on_topic_card else judges.OnTopicJudge()
-        self.fluency = judges.FluencyJudge(vlm.model, vlm.tokenizer, lambda p: vlm.chat(p, False)) if "fluency" in names else None
+        self.fluency = judges.FluencyJudge(*fluency_reference(vlm)) if "fluency" in names else None
         self.llama_guard = judges.LlamaGuardJudge() if "llama_guard" in names else None
+
+    def harmfulness_cv(self) -> dict:
+        """Cross-validated quality of the harmfulness judge (folds grouped by objective)."""
+        return dict(self.harmfulness.cross_validation or {}) if self.harmfulness is not None else {}
 
     def provenance(self) -> dict:
         out = {"refusal_keywords": self.refusal.provenance()}
@@ -256,7 +272,7 @@ def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dic
     def add(set_name, metric, judge, values):
         r = stats.rate(np.asarray(values, dtype=bool), seed=seed)
         out.append({"preset": preset, "method": method, "set": set_name, "metric": metric, "judge": judge,
-                    "judge_version": judges_prov.get(judge, {}).get("version", judge), **r})
+                    "judge_version": judges_prov.get(judge, {}).get("judge_version", judge), **r})
 
     for set_name, g in judged.groupby("set", sort=False):
         kind = EVAL_SETS[set_name].kind

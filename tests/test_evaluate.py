@@ -1,0 +1,116 @@
+"""Stage 03 (evaluation): parameters refused early, V3 adversarial images that really move the vision path,
+tidy result rows with n and CI, the paper-style table, and judge agreement."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tu_lib import adversarial, evaluate, models
+from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
+
+from notebook_helpers import stops_early
+
+NB = repo_root() / "notebooks" / "03_eval.ipynb"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"sets": ["t1_advbench", "t9_unknown"]}, "unknown value(s) ['t9_unknown']"),
+    ({"methods": "base,forget_all"}, "unknown value(s) ['forget_all']"),
+    ({"judges": ["harmfulness"]}, "must include 'refusal_keywords'"),
+    ({"judges": ["refusal_keywords", "gpt4"]}, "unknown value(s) ['gpt4']"),
+    ({"n_per_set": -1}, "n_per_set=-1"),
+    ({"batch_size": 0}, "batch_size=0 must be > 0"),
+    ({"preset": "llava-9"}, "Unknown model preset 'llava-9'"),
+    ({"n_per_sett": 3}, "did you mean 'n_per_set'"),
+])
+def test_bad_parameters_are_rejected(kw, message):
+    with pytest.raises(ParameterError) as err:
+        evaluate.resolve_params({"profile": "smoke", **kw})
+    assert message in str(err.value)
+
+
+def test_missing_inputs_are_reported_before_loading_a_model(tmp_path):
+    P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path / "none")})
+    with pytest.raises(TuError, match="run stage 01 first"):
+        evaluate.check_inputs(P)
+    (tmp_path / "d" / "sets").mkdir(parents=True)
+    for name in ("t1_advbench", "t2_harmbench", "t3_jailbreak", "v1_figstep", "v2_mmsb_typo", "v3_prompts", "xstest_safe",
+                 "utility_truthfulqa"):
+        write_jsonl(tmp_path / "d" / "sets" / f"{name}.jsonl", [])
+    P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path / "d"), "unlearn_dir": str(tmp_path / "u")})
+    with pytest.raises(TuError, match="No adapter for method 'textual_ga'"):
+        evaluate.check_inputs(P)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    return models.load_vlm("micro")
+
+
+def test_v3_optimisation_moves_features_towards_the_phrase(micro):
+    images, stats = adversarial.optimise_images(micro, ["Steps to paint a fence.", "List of garden tools."], steps=30, lr=0.05)
+    assert len(images) == 2 and images[0].size == (112, 112)
+    for s in stats:
+        assert s["mse_end"] < 0.5 * s["mse_start"], s
+        assert s["cosine_to_target"] > s["cosine_grey_to_target"], s
+
+
+def test_v3_cache_reuses_images_and_keys_on_the_vision_weights(micro, tmp_path, monkeypatch):
+    first, stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
+    assert stats[0] is not None and len(list(tmp_path.glob("*.png"))) == 1
+    monkeypatch.setattr(adversarial, "optimise_images", lambda *a, **k: pytest.fail("cached image must be reused"))
+    again, stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
+    assert stats == [None] and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    other = models.load_vlm("micro", seed=1)
+    assert adversarial.vision_fingerprint(other) != adversarial.vision_fingerprint(micro)
+
+
+def _judged():
+    return pd.DataFrame({
+        "key": [f"k{i}" for i in range(8)],
+        "set": ["t1_advbench"] * 4 + ["xstest_safe"] * 2 + ["utility_reading"] * 2,
+        "refused": [True, False, False, True, True, False, False, True],
+        "harmful": [False, True, False, False, False, False, False, False],
+        "on_topic": [False, True, True, False, False, True, True, False],
+        "degenerate": [False, False, True, False, False, False, False, False],
+    })
+
+
+def test_metric_rows_have_n_rate_and_ci():
+    rows = pd.DataFrame(evaluate.metric_rows("micro", "base", _judged(), {}, seed=0))
+    asr = rows[(rows["set"] == "t1_advbench") & (rows["metric"] == "asr") & (rows["judge"] == "refusal_keywords")].iloc[0]
+    assert asr["n"] == 4 and asr["rate"] == 0.5 and asr["ci_low"] <= 0.5 <= asr["ci_high"]
+    harm = rows[(rows["set"] == "t1_advbench") & (rows["judge"] == "harmfulness")].iloc[0]
+    assert harm["rate"] == 0.25
+    over = rows[rows["metric"] == "over_refusal"].iloc[0]
+    assert over["n"] == 2 and over["rate"] == 0.5
+    reading = rows[rows["metric"] == "reading_on_topic"].iloc[0]
+    assert reading["rate"] == 0.5  # on topic AND not refused
+    assert set(rows[rows["metric"] == "degenerate"]["set"]) == {"t1_advbench", "xstest_safe", "utility_reading"}
+
+
+def test_paper_table_and_agreement():
+    judged = _judged()
+    rows = pd.DataFrame(evaluate.metric_rows("micro", "base", judged, {}, 0) + evaluate.metric_rows("micro", "x", judged, {}, 0))
+    table = evaluate.paper_table(rows)
+    assert list(table.index) == ["base", "x"] and "T1 AdvBench" in table.columns and "XSTest over-refusal" in table.columns
+    assert table.loc["base", "T1 AdvBench"].startswith("50%") and "n=4" in table.loc["base", "T1 AdvBench"]
+    a = evaluate.judge_agreement(judged)
+    assert a["n"] == 4 and a["agreement"] == 0.75 and a["keyword_success_but_not_harmful"] == 0.25
+
+
+def test_reference_numbers_are_labelled():
+    ref = evaluate.reference_numbers()
+    assert {"source", "model", "status", "value"} <= set(ref.columns) and len(ref) >= 5
+    assert ref["model"].str.contains("LLaVA").all()
+
+
+def test_notebook_stops_on_an_unknown_set(tmp_path):
+    stops_early(NB, tmp_path, "unknown value(s) ['v9_video']", 0, sets="t1_advbench,v9_video")
+
+
+def test_notebook_stops_when_an_adapter_is_missing(tmp_path):
+    (tmp_path / "d" / "sets").mkdir(parents=True)
+    write_jsonl(tmp_path / "d" / "sets" / "t1_advbench.jsonl", [])
+    stops_early(NB, tmp_path, "No adapter for method 'mm_sft'", 0, methods="base,mm_sft", sets="t1_advbench",
+                unlearn_dir=str(tmp_path / "none"), data_dir=str(tmp_path / "d"))
