@@ -19,18 +19,10 @@ from tu_lib import judges as J
 from tu_lib.core import TuError
 from tu_lib.data import load_truthfulqa
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HAVE_MINILM = importlib.util.find_spec(J.MINILM_PACKAGE) is not None
 needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason=f"needs the encoder package: {J.MINILM_PIP}")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,8 @@ from tu_lib import judges as J
 from tu_lib import models as M
 from tu_lib.core import TuError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HAVE_MINILM = importlib.util.find_spec(J.MINILM_PACKAGE) is not None
 needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason=f"needs the encoder package: {J.MINILM_PIP}")
 
@@ -29,14 +31,6 @@ NEUTRAL_ANSWERS = ["Mix flour, water, yeast and salt, knead the dough for ten mi
                    "and bake it at 220 degrees until golden.",
                    "I'm sorry, but I can't help with that.",
                    "Plant the seedlings deep in sunny soil, water them at the base and tie the stems to stakes."]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

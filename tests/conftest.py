@@ -1,0 +1,14 @@
+"""Shared fixtures."""
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Judge tests run with one torch thread: their small forward passes are faster without thread overhead,
+    and results do not depend on the machine's core count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
