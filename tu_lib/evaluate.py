@@ -19,7 +19,6 @@ images, answered on topic).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 

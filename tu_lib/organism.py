@@ -17,13 +17,11 @@ from the package.
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import math
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
