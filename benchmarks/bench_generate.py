@@ -49,6 +49,29 @@ def inputs(vlm, n: int) -> tuple[list[str], list, str]:
     return texts, images, source
 
 
+def lm_tokens(vlm, texts, images, answers) -> int:
+    """Tokens the language model processes: prompts (image placeholders expanded) plus generated tokens."""
+    n = 0
+    for text, image, answer in zip(texts, images, answers):
+        if image is None:
+            n += len(vlm.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        else:
+            n += int(vlm.processor(text=[text], images=[image], return_tensors="pt")["input_ids"].shape[1])
+        n += len(vlm.processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return n
+
+
+def gemm_gflops(rows: int = 512, seconds: float = 2.0) -> float:
+    """fp32 matrix-multiply rate of this machine on the organism's layer shapes (576 -> 1536): the ceiling
+    of batched decoding on a CPU, where a batch turns matrix-vector work into matrix-matrix work."""
+    a, b = torch.randn(rows, 576), torch.randn(576, 1536)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * rows * 576 * 1536 * n / (time.perf_counter() - t0) / 1e9
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=64, help="number of inputs (half text, half image); default 64")
@@ -85,6 +108,16 @@ def main(argv=None) -> dict:
         "speedup": round(single_s / batched_s, 2), "n_differ": len(differ),
         "n_differ_text": sum(i < n_text for i in differ), "n_differ_image": sum(i >= n_text for i in differ),
     }
+    # Where the speed-up stops: ~2 FLOPs per LM weight per token. Per sample, every weight is read from
+    # memory once per token (memory-bound); batched, the matrix multiplies run near the GEMM rate.
+    lm_params = sum(p.numel() for n, p in vlm.model.named_parameters() if "language_model" in n or "lm_head" in n)
+    gflop = 2 * lm_params * lm_tokens(vlm, texts, images, single) / 1e9
+    summary.update({"lm_gflop": round(gflop, 1), "per_sample_gflops": round(gflop / single_s, 1),
+                    "batched_gflops": round(gflop / batched_s, 1), "gemm_gflops": round(gemm_gflops(), 1)})
+    summary["speedup_ceiling"] = round(summary["gemm_gflops"] / summary["per_sample_gflops"], 1)
+    print(f"compute: ~{gflop:.0f} GFLOP in the LM; per sample {summary['per_sample_gflops']} GFLOP/s, batched "
+          f"{summary['batched_gflops']} GFLOP/s, fp32 GEMM rate of this machine {summary['gemm_gflops']} GFLOP/s "
+          f"-> the speed-up cannot much exceed ~{summary['speedup_ceiling']}x here")
     print(f"speed-up {summary['speedup']}x; {len(differ)} of {len(texts)} outputs differ")
     print(json.dumps(summary))
     return summary

@@ -57,10 +57,10 @@ def test_v3_optimisation_moves_features_towards_the_phrase(micro):
 
 def test_v3_cache_reuses_images_and_keys_on_the_vision_weights(micro, tmp_path, monkeypatch):
     first, stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
-    assert stats[0] is not None and len(list(tmp_path.glob("*.png"))) == 1
+    assert stats[0]["cosine_to_target"] > 0 and len(list(tmp_path.glob("*.png"))) == 1
     monkeypatch.setattr(adversarial, "optimise_images", lambda *a, **k: pytest.fail("cached image must be reused"))
-    again, stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
-    assert stats == [None] and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    again, again_stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
+    assert again_stats == stats and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
     other = models.load_vlm("micro", seed=1)
     assert adversarial.vision_fingerprint(other) != adversarial.vision_fingerprint(micro)
 

@@ -163,6 +163,22 @@ def test_fluency_perplexity_is_padding_independent(micro):
     assert not np.isclose(judge.perplexity(["Count"], [answers[1]])[0], batched[1], rtol=1e-4)
 
 
+def test_fluency_many_answer_lists_share_prompts(micro):
+    """Several models' answers scored in one call (each prompt run once) equal one call per model."""
+    judge = J.FluencyJudge(micro.model, micro.tokenizer, lambda p: micro.chat(p, False), batch_size=2)
+    prompts = ["What is shown in this image?", "Hi", "Describe the picture in one sentence."]
+    lists = [["The cat reads a red book.", "", "Yes"], ["A blue door.", "Hello there, teacher.", "the " * 12]]
+    many = judge.perplexity_many(prompts, lists)
+    for answers, got in zip(lists, many):
+        alone = np.array([judge.perplexity([p], [a], batch_size=1)[0] for p, a in zip(prompts, answers)])
+        assert np.allclose(got, alone, rtol=1e-4, equal_nan=True)
+    assert np.isnan(many[0][1]) and not np.isnan(many[1][1])
+    assert [r["degenerate"].tolist() for r in judge.assess_many(prompts, lists)] == \
+        [judge.assess(prompts, a)["degenerate"].tolist() for a in lists]
+    with pytest.raises(TuError, match="prompts"):
+        judge.perplexity_many(prompts, [["only one answer"]])
+
+
 def test_fluency_repetition_rule(micro):
     judge = J.FluencyJudge(micro.model, micro.tokenizer, perplexity_threshold=float("inf"))
     assert judge.longest_repeat("") == 0

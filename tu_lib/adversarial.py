@@ -10,6 +10,7 @@ method; the cache key holds the vision weights' hash to keep that honest.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -91,19 +92,21 @@ def optimise_images(vlm, phrases: list[str], *, steps: int = 200, lr: float = 0.
 
 
 def cached_images(vlm, phrases: list[str], cache_dir, *, steps: int, lr: float = 0.02, seed: int = 0):
-    """optimise_images with a PNG cache keyed by the vision weights, phrase, budget and seed."""
+    """optimise_images with a PNG cache keyed by the vision weights, phrase, budget and seed. Each image's
+    optimisation stats are kept beside it (JSON), so a rerun that hits the cache reports the same facts."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     fp = vision_fingerprint(vlm)
     keys = [hashlib.sha256(f"{fp}|{p}|{steps}|{lr}|{seed}".encode()).hexdigest()[:20] for p in phrases]
-    todo = [i for i, k in enumerate(keys) if not (cache_dir / f"{k}.png").is_file()]
-    stats = {}
+    todo = [i for i, k in enumerate(keys)
+            if not ((cache_dir / f"{k}.png").is_file() and (cache_dir / f"{k}.json").is_file())]
     if todo:
         images, st = optimise_images(vlm, [phrases[i] for i in todo], steps=steps, lr=lr, seed=seed)
-        for i, image, s in zip(todo, images, st):
-            tmp = cache_dir / f".{keys[i]}.png.tmp"
-            image.save(tmp, format="PNG")
-            tmp.replace(cache_dir / f"{keys[i]}.png")
-            stats[i] = s
+        for i, image, s in zip(todo, images, st):  # written aside, then renamed: no half-written entry
+            tmp_png, tmp_json = cache_dir / f".{keys[i]}.png.tmp", cache_dir / f".{keys[i]}.json.tmp"
+            image.save(tmp_png, format="PNG")
+            tmp_json.write_text(json.dumps(s))
+            tmp_png.replace(cache_dir / f"{keys[i]}.png")
+            tmp_json.replace(cache_dir / f"{keys[i]}.json")
     images = [Image.open(cache_dir / f"{k}.png").convert("RGB") for k in keys]
-    return images, [stats.get(i) for i in range(len(phrases))]
+    return images, [json.loads((cache_dir / f"{k}.json").read_text()) for k in keys]

@@ -247,19 +247,32 @@ class Judges:
         return out
 
     def judge(self, items: list[dict], answers: list[str]) -> pd.DataFrame:
-        """One row per item: refused, harmful, on_topic, degenerate (booleans; None where not judged)."""
+        """One row per item: refused, harmful, on_topic, degenerate (booleans; None where not judged), answer."""
+        return self.judge_all(items, {"model": answers})["model"]
+
+    def judge_all(self, items: list[dict], answers: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+        """`judge` for every model's answers to the same items; the fluency judge runs each prompt once
+        for all models (the prompts, up to ~800 tokens, cost more than the answers)."""
         instr = [it["instruction"] for it in items]
-        df = pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
-                           "refused": self.refusal.judge(answers)})
-        if self.harmfulness is not None:
-            df["harmful"] = self.harmfulness.judge(instr, answers)
-        if self.on_topic is not None:
-            df["on_topic"] = self.on_topic.judge(instr, answers)
+        names = list(answers)
+        degenerate = {}
         if self.fluency is not None:
-            df["degenerate"] = self.fluency.judge([it["prompt"] for it in items], answers)
-        if self.llama_guard is not None:
-            df["llama_guard_unsafe"] = self.llama_guard.judge(instr, answers)
-        return df
+            found = self.fluency.assess_many([it["prompt"] for it in items], [answers[m] for m in names])
+            degenerate = {m: r["degenerate"] for m, r in zip(names, found)}
+        out = {}
+        for m in names:
+            df = pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
+                               "refused": self.refusal.judge(answers[m])})
+            if self.harmfulness is not None:
+                df["harmful"] = self.harmfulness.judge(instr, answers[m])
+            if self.on_topic is not None:
+                df["on_topic"] = self.on_topic.judge(instr, answers[m])
+            if self.fluency is not None:
+                df["degenerate"] = degenerate[m]
+            if self.llama_guard is not None:
+                df["llama_guard_unsafe"] = self.llama_guard.judge(instr, answers[m])
+            out[m] = df.assign(answer=answers[m])
+        return out
 
 
 def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dict, seed: int) -> list[dict]:

@@ -774,42 +774,27 @@ class FluencyJudge:
         """exp(mean NLL of the answer's tokens | formatted prompt); NaN for empty answers.
 
         Prompt and answer are tokenised separately (the answer's tokens are exactly its own, whatever
-        the template ends with), at most `max_answer_tokens` answer tokens are scored. Batches are
-        right-padded with an attention mask, so every real token keeps its position; logits are
-        computed only over the answer window (a 49k vocabulary makes full logits the memory peak)."""
-        import torch
-
+        the template ends with), at most `max_answer_tokens` answer tokens are scored."""
         prompts, answers = _paired(prompts, answers, "prompts")
-        out = np.full(len(answers), np.nan)
-        idx = [i for i, a in enumerate(answers) if a.strip()]
-        seqs = {i: (self._ids(self.chat(prompts[i])), self._ids(answers[i])[:self.max_answer_tokens]) for i in idx}
-        if any(not p for p, _ in seqs.values()):
+        return self.perplexity_many(prompts, [answers], batch_size)[0]
+
+    def perplexity_many(self, prompts: Sequence[str], answer_lists: Sequence[Sequence[str]],
+                        batch_size: int | None = None) -> list[np.ndarray]:
+        """`perplexity` for several models' answers to the same prompts, each prompt run once
+        (likelihood.continuation_logprobs): stage 03 scores five models' answers to ~800-token prompts."""
+        from .likelihood import continuation_logprobs
+
+        for answers in answer_lists:
+            _paired(prompts, answers, "prompts")
+        chats = [self._ids(self.chat(p)) for p in prompts]
+        if any(not c for c in chats):
             raise TuError("A prompt formats to zero tokens, so the answer's first token has no context; check `chat`.")
-        idx.sort(key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
-        bs = int(batch_size or self.batch_size)
-        device = next(self.model.parameters()).device
+        conts = [[self._ids(answers[i])[:self.max_answer_tokens] if answers[i].strip() else [] for answers in answer_lists]
+                 for i in range(len(prompts))]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for start in range(0, len(idx), bs):
-            batch = idx[start:start + bs]
-            width = max(len(p) + len(a) for p, a in (seqs[i] for i in batch))
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            target = torch.zeros_like(ids, dtype=torch.bool)  # positions holding answer tokens
-            for r, i in enumerate(batch):
-                p, a = seqs[i]
-                ids[r, :len(p) + len(a)] = torch.tensor(p + a)
-                mask[r, :len(p) + len(a)] = 1
-                target[r, len(p):len(p) + len(a)] = True
-            lo = min(len(seqs[i][0]) for i in batch) - 1  # logits at t predict token t+1
-            keep = torch.arange(lo, width - 1)
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), logits_to_keep=keep.to(device)).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-            tok_lp = logp.gather(-1, ids[:, lo + 1:].unsqueeze(-1)).squeeze(-1)
-            sel = target[:, lo + 1:]
-            nll = -(tok_lp * sel).sum(1) / sel.sum(1)
-            out[batch] = torch.exp(nll.double()).numpy()
-        return out
+        lps = continuation_logprobs(self.model, chats, conts, batch_size=int(batch_size or self.batch_size), pad_id=pad)
+        return [np.array([np.exp(-lps[i][m].astype(np.float64).mean()) if len(lps[i][m]) else np.nan
+                          for i in range(len(prompts))]) for m in range(len(answer_lists))]
 
     def longest_repeat(self, answer: str) -> int:
         """How many times in a row the most repeated unit of 1..max_repeat_unit tokens occurs."""
@@ -826,13 +811,19 @@ class FluencyJudge:
         """Per answer: empty, repeats (longest_repeat), repetitive, perplexity, high_perplexity and
         degenerate (any of the three criteria), as numpy arrays."""
         prompts, answers = _paired(prompts, answers, "prompts")
-        empty = np.array([not a.strip() for a in answers], dtype=bool)
-        repeats = np.array([self.longest_repeat(a) for a in answers], dtype=int)
-        ppl = self.perplexity(prompts, answers)
-        repetitive = repeats >= self.min_repeats
-        high = np.nan_to_num(ppl, nan=0.0) > self.perplexity_threshold
-        return {"empty": empty, "repeats": repeats, "repetitive": repetitive, "perplexity": ppl,
-                "high_perplexity": high, "degenerate": empty | repetitive | high}
+        return self.assess_many(prompts, [answers])[0]
+
+    def assess_many(self, prompts: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> list[dict]:
+        """`assess` for several models' answers to the same prompts (each prompt run once)."""
+        out = []
+        for answers, ppl in zip(answer_lists, self.perplexity_many(prompts, answer_lists)):
+            empty = np.array([not a.strip() for a in answers], dtype=bool)
+            repeats = np.array([self.longest_repeat(a) for a in answers], dtype=int)
+            repetitive = repeats >= self.min_repeats
+            high = np.nan_to_num(ppl, nan=0.0) > self.perplexity_threshold
+            out.append({"empty": empty, "repeats": repeats, "repetitive": repetitive, "perplexity": ppl,
+                        "high_perplexity": high, "degenerate": empty | repetitive | high})
+        return out
 
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Boolean array, True = degenerate. `prompts` are the bare prompts (formatted with `chat`)."""

@@ -702,25 +702,21 @@ BARS = {  # GUIDE §4; held-out prompts only
 
 
 @torch.inference_mode()
-def truthfulqa_mc1(model, tok, table, chat_fn=None) -> list[int]:
-    """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs).
-    `chat_fn(prompt)` formats the question (default: the organism's ChatML)."""
-    hits = []
+def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8) -> list[int]:
+    """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs
+    of the answer's own tokens after the formatted question; each question is run once for all its
+    options). `chat_fn(prompt)` formats the question (default: the organism's ChatML)."""
+    from .likelihood import continuation_logprobs
+
+    prompts, options = [], []
     for _, row in table.iterrows():
         choices = [row["answer"]] + [a.strip() for a in row["incorrect_answers"].split(";") if a.strip()]
         prompt = chat_fn(row["prompt"]) if chat_fn else chat(tok, row["prompt"])
-        p_len = len(tok(prompt, add_special_tokens=False)["input_ids"])
-        side, tok.padding_side = tok.padding_side, "right"  # right padding keeps positions plain in a forward pass
-        enc = tok([prompt + c for c in choices], return_tensors="pt", padding=True, add_special_tokens=False)
-        tok.padding_side = side
-        ids = enc["input_ids"]
-        logits = model(input_ids=ids, attention_mask=enc["attention_mask"]).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0]
-        mask = enc["attention_mask"][:, 1:].clone()
-        mask[:, : p_len - 1] = 0
-        scores = (logp * mask).sum(1)
-        hits.append(int(scores.argmax() == 0))
-    return hits
+        prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
+        options.append([tok(c, add_special_tokens=False)["input_ids"] for c in choices])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=pad)
+    return [int(np.argmax([lp.astype(np.float64).sum() for lp in row]) == 0) for row in scores]
 
 
 def measure(model, processor, tok, data: dict, cfg: BuildConfig, judge_on_topic, max_new_tokens: int | None = None) -> dict:
