@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from tu_lib import cost as C
 from tu_lib import models as M
@@ -33,31 +31,16 @@ def _rows(vlm, images: bool, objective: str) -> dict:
     return {"forget": forget, "mismatch": mismatch, "normal": [(p, None, a) for p, a in zip(PROMPTS[::-1], ANSWERS[::-1])]}
 
 
-def _batch(vlm, rows) -> C.Batch:
-    b = U.encode_rows(vlm, rows)
-    return C.Batch(rows=b["input_ids"].shape[0], width=b["input_ids"].shape[1],
-                   answer_tokens=int((b["labels"][:, 1:] != -100).sum()), images=len(b.get("pixel_values", [])))
-
-
 @pytest.mark.parametrize("method", ["textual_ga", "multimodal_ga", "mm_sft"])
 def test_analytic_step_flops_match_torch_counter(organism, method):
-    vlm, m = organism, U.METHODS[method]
+    m = U.METHODS[method]
     cfg = U.TrainConfig(method=method, steps=1, lr=1e-4, batch_size=4, lora_first_layer=15)
-    rows = _rows(vlm, m.images, m.objective)
-    trained = _batch(vlm, [r for k in ("forget", "mismatch", "normal") for r in rows[k]])
-    analytic = C.step_flops(C.Shape.from_vlm(vlm), trained, _batch(vlm, rows["normal"]), first_layer=15,
-                            lora_r=cfg.lora_r, lora_targets=cfg.lora_targets)
-    model, _, reference = U.wrap_model(vlm, cfg)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            loss, _ = U.step_loss(model, reference, m, cfg, vlm, rows)
-            loss.backward()
-    finally:
-        vlm.model = model.unload()
-    counted = counter.get_total_flops()
-    assert abs(analytic["total"] / counted - 1) < 0.10, (analytic, counted)
-    assert analytic["backward"] > 0 and analytic["reference"] > 0
-    assert (trained.images > 0) == m.images
+    found = C.count_step(organism, cfg, _rows(organism, m.images, m.objective))
+    assert abs(found["analytic_over_counted"] - 1) < 0.10, found
+    assert found["backward"] > 0 and found["reference"] > 0
+    trained, _ = C.step_batches(organism, _rows(organism, m.images, m.objective))
+    assert (trained.images > 0) == m.images and (trained.image_tokens > 0) == m.images
+    assert organism.model is organism.base_model  # the LoRA layers are gone again
 
 
 def test_llava_shapes_from_published_configs():
@@ -77,3 +60,24 @@ def test_images_make_the_step_dearer():
     image = C.step_flops(s, C.Batch(12, 120 + 576, 240, images=8), C.Batch(4, 100, 60), first_layer=0, lora_r=32,
                          lora_targets=["q_proj", "v_proj"])
     assert image["total"] / text["total"] > 4
+
+
+def test_bad_parameters_stop_before_any_work(tmp_path):
+    with pytest.raises(ParameterError, match="unknown method"):
+        C.resolve_params({"profile": "smoke", "methods": "textual_ga,nope"})
+    with pytest.raises(ParameterError, match="steps"):
+        C.resolve_params({"profile": "smoke", "steps": 0})
+    with pytest.raises(ParameterError, match="gpu_utilisation"):
+        C.resolve_params({"profile": "smoke", "gpu_utilisation": 1.5})
+    P, P02 = C.resolve_params({"profile": "smoke"})
+    assert P02["preset"] == "organism" and P["methods"] == ["textual_ga", "multimodal_ga"]
+    with pytest.raises(Exception, match="run stage 02"):
+        C.stage02_runs(tmp_path, ["textual_ga"])
+
+
+def test_ratio_curve_falls_with_text_and_rises_with_image_tokens():
+    paper02 = U.resolve_params({"profile": "paper"})
+    curve = C.ratio_curve(paper02).pivot(index="text_tokens", columns="image_tokens", values="ratio")
+    assert (curve > 1).all().all()
+    assert (curve.diff().dropna() < 0).all().all()          # more text per row: images matter less
+    assert (curve.T.diff().dropna() > 0).all().all()        # bigger images: dearer steps
