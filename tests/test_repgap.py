@@ -94,3 +94,40 @@ def test_bad_layers_and_alphas_are_rejected_before_any_forward(micro):
             pass
     with pytest.raises(ParameterError, match="position"):
         R.hidden_states(micro, ["x"], None, [0], position="first")
+
+
+def test_matched_inputs_and_gap_table(micro):
+    inputs = R.matched_inputs(micro, PROMPTS)
+    assert list(inputs) == list(R.CONDITIONS)
+    assert inputs["text"][1] == [None] * 4 and all(im is not None for im in inputs["typographic"][1])
+    noise = inputs["noise_image"][1]
+    assert not np.array_equal(np.asarray(noise[0]), np.asarray(noise[1]))  # one noise image per prompt
+    assert np.array_equal(np.asarray(noise[0]), np.asarray(R.meaningless_image(micro, "noise", 0)))  # seeded
+    with pytest.raises(ParameterError, match="blank"):
+        R.meaningless_image(micro, "grey")
+    states = {c: R.hidden_states(micro, texts, images, [0, 1]) for c, (texts, images) in inputs.items()}
+    table = R.gap_table(states, [0, 1])
+    assert len(table) == 3 * 2 and set(table["condition"]) == {"typographic", "blank_image", "noise_image"}
+    assert (table["normalised_distance"] > 0).all()
+
+
+def test_alpha_sweep_rows_and_alpha_zero_is_unsteered(micro):
+    from tu_lib import evaluate
+
+    inputs = R.matched_inputs(micro, PROMPTS)
+    items = [{"key": f"v1|{i}", "set": "v1_figstep", "text": t, "image": im, "prompt": "p", "instruction": PROMPTS[i]}
+             for i, (t, im) in enumerate(zip(*inputs["typographic"]))]
+    items += [{"key": f"x|{i}", "set": "xstest_safe", "text": t, "image": None, "prompt": p, "instruction": p}
+              for i, (t, p) in enumerate(zip(inputs["text"][0], PROMPTS))]
+    judges = evaluate.Judges(micro, ["refusal_keywords"])
+    vec = torch.randn(micro.base_model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1)) * 5
+    table = R.alpha_sweep(micro, items, {0: vec}, [0, 1.0], judges, max_new_tokens=6, batch_size=4)
+    assert set(table["alpha"]) == {0.0, 1.0}
+    assert set(zip(table["set"], table["metric"])) == {("v1_figstep", "asr"), ("xstest_safe", "over_refusal")}
+    assert (table["n"] == 4).all()
+    plain = evaluate.metric_rows(micro.preset, "base", judges.judge(items, generate(
+        micro.model, micro.processor, [it["text"] for it in items], [it["image"] for it in items], max_new_tokens=6,
+        batch_size=4)), judges.provenance(), 0)
+    assert table[table["alpha"] == 0]["rate"].tolist() == [r["rate"] for r in plain]
+    with pytest.raises(ParameterError):
+        R.alpha_sweep(micro, items, {0: vec}, [5.0], judges, max_new_tokens=6, batch_size=4)

@@ -18,9 +18,11 @@ import torch
 
 from .core import ParameterError
 
-__all__ = ["check_layers", "check_alphas", "hidden_states", "gap_metrics", "direction_cosine", "shift_vectors", "cmrm"]
+__all__ = ["check_layers", "check_alphas", "meaningless_image", "matched_inputs", "hidden_states", "gap_metrics",
+           "gap_table", "direction_cosine", "shift_vectors", "cmrm", "alpha_sweep"]
 
 POSITIONS = ("last", "mean")
+CONDITIONS = ("text", "typographic", "blank_image", "noise_image")
 
 
 def check_layers(vlm, layers: Sequence[int]) -> list[int]:
@@ -44,6 +46,33 @@ def check_alphas(alphas: Sequence[float]) -> list[float]:
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not math.isfinite(a) or not 0 <= a <= 2:
             raise ParameterError(f"alpha {a!r} must be a finite number in [0, 2].")
     return [float(a) for a in alphas]
+
+
+def meaningless_image(vlm, kind: str, seed: int = 0):
+    """CMRM's img': a white image, or uniform RGB noise (seeded), at the vision tower's input size."""
+    from PIL import Image
+
+    size = vlm.base_model.config.vision_config.image_size
+    if kind == "blank":
+        return Image.new("RGB", (size, size), "white")
+    if kind == "noise":
+        pixels = np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        return Image.fromarray(pixels, "RGB")
+    raise ParameterError(f"meaningless image kind {kind!r} must be 'blank' or 'noise'.")
+
+
+def matched_inputs(vlm, instructions: Sequence[str], seed: int = 0) -> dict[str, tuple[list[str], list]]:
+    """The same instructions under four conditions, as (formatted texts, images): as text; shown only as a
+    typographic image with FigStep's benign prompt; as text beside a blank image; beside a noise image."""
+    from .render import FIGSTEP_TEXT_PROMPT
+
+    n = len(instructions)
+    blank = meaningless_image(vlm, "blank")
+    return {"text": ([vlm.chat(x, False) for x in instructions], [None] * n),
+            "typographic": ([vlm.chat(FIGSTEP_TEXT_PROMPT, True)] * n, [vlm.render(x, "figstep") for x in instructions]),
+            "blank_image": ([vlm.chat(x, True) for x in instructions], [blank] * n),
+            "noise_image": ([vlm.chat(x, True) for x in instructions],
+                            [meaningless_image(vlm, "noise", seed + i) for i in range(n)])}
 
 
 @torch.inference_mode()
@@ -104,6 +133,22 @@ def gap_metrics(a: np.ndarray, b: np.ndarray, *, seed: int = 0, folds: int = 5) 
             "normalised_distance": distance / spread if spread > 0 else float("inf"), "probe_accuracy": probe}
 
 
+def gap_table(states: dict[str, np.ndarray], layers: Sequence[int], reference: str = "text", seed: int = 0):
+    """Per condition and layer: gap_metrics between that condition's states and the reference condition's.
+    `states[c]` is (n, len(layers), d) from hidden_states, same instructions in the same order."""
+    import pandas as pd
+
+    if reference not in states:
+        raise ParameterError(f"reference condition {reference!r} is not among {list(states)}.")
+    rows = []
+    for cond, h in states.items():
+        if cond == reference:
+            continue
+        for j, layer in enumerate(layers):
+            rows.append({"condition": cond, "layer": layer, **gap_metrics(h[:, j], states[reference][:, j], seed=seed)})
+    return pd.DataFrame(rows)
+
+
 def direction_cosine(harmful_a: np.ndarray, benign_a: np.ndarray, harmful_b: np.ndarray, benign_b: np.ndarray) -> float:
     """Cosine between the harmful-minus-benign directions of two modalities: near 1, what separates harmful
     from benign in text also separates it with images (the refusal direction carries over)."""
@@ -147,3 +192,23 @@ def cmrm(vlm, vectors: dict[int, torch.Tensor], alpha: float):
     finally:
         for h in handles:
             h.remove()
+
+
+def alpha_sweep(vlm, items: list[dict], vectors: dict[int, torch.Tensor], alphas: Sequence[float], judges, *,
+                max_new_tokens: int, batch_size: int, label: str = "base", seed: int = 0):
+    """Generate every item (stage 03's item dicts) under CMRM at each alpha and judge the answers with an
+    `evaluate.Judges`: tidy rows as in stage 03's results.csv, plus the alpha. Alpha 0 is the unsteered model.
+    With an adapter applied (unlearn.adapter_applied), this is textual unlearning and CMRM combined."""
+    import pandas as pd
+
+    from .evaluate import metric_rows
+    from .generate import generate
+
+    rows = []
+    for alpha in check_alphas(alphas):
+        with cmrm(vlm, vectors, alpha):
+            answers = generate(vlm.model, vlm.processor, [it["text"] for it in items], [it["image"] for it in items],
+                               max_new_tokens=max_new_tokens, batch_size=batch_size, desc=f"{label} alpha {alpha:g}")
+        judged = judges.judge(items, answers)
+        rows += [dict(r, alpha=alpha) for r in metric_rows(vlm.preset, label, judged, judges.provenance(), seed)]
+    return pd.DataFrame(rows)
