@@ -6,7 +6,7 @@ import pytest
 from tu_lib import cost as C
 from tu_lib import models as M
 from tu_lib import unlearn as U
-from tu_lib.core import ParameterError
+from tu_lib.core import ParameterError, TuError
 from tu_lib.render import FIGSTEP_TEXT_PROMPT
 
 # neutral stand-ins for forget / mismatch / normal rows: the count depends on shapes, not on content
@@ -20,7 +20,7 @@ ANSWERS = ["Readers borrow books with a card and return them later.", "Air scatt
 def organism(one_torch_thread):
     try:
         return M.load_vlm("organism", dtype="float32")
-    except Exception as e:  # the backbone comes from a PyPI package; without it there is nothing to count
+    except TuError as e:  # the backbone comes from a PyPI package; without it there is nothing to count
         pytest.skip(f"organism unavailable: {e}")
 
 
@@ -71,7 +71,7 @@ def test_bad_parameters_stop_before_any_work(tmp_path):
         C.resolve_params({"profile": "smoke", "gpu_utilisation": 1.5})
     P, P02 = C.resolve_params({"profile": "smoke"})
     assert P02["preset"] == "organism" and P["methods"] == ["textual_ga", "multimodal_ga"]
-    with pytest.raises(Exception, match="run stage 02"):
+    with pytest.raises(TuError, match="run stage 02"):
         C.stage02_runs(tmp_path, ["textual_ga"])
 
 

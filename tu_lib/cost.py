@@ -245,7 +245,7 @@ def batch_of(encoded: dict, image_token_id: int | None = None) -> Batch:
 
 def measure_method(vlm, data, P02: dict, method: str, *, steps: int, repeats: int, desc: str | None = None) -> list[dict]:
     """Time `repeats` x `steps` real training steps of a stage 02 method (after one untimed warm-up step),
-    each row with its tokens, analytic FLOPs and peak extra memory. The model is left as it was."""
+    each row with its tokens, analytic FLOPs and process peak memory. The model is left as it was."""
     import torch
     from tqdm.std import tqdm
 

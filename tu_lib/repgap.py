@@ -181,8 +181,8 @@ def cmrm(vlm, vectors: dict[int, torch.Tensor], alpha: float):
     def hook_for(vec):
         def hook(module, args, output):
             if isinstance(output, tuple):  # older layer API: (hidden, ...)
-                return (output[0] - alpha * vec.to(output[0].dtype),) + output[1:]
-            return output - alpha * vec.to(output.dtype)
+                return (output[0] - alpha * vec.to(output[0]),) + output[1:]
+            return output - alpha * vec.to(output)  # the layer's dtype and device (GPU presets)
         return hook
 
     try:
