@@ -8,7 +8,7 @@ from PIL import Image
 
 from tu_lib import models as M
 from tu_lib import repgap as R
-from tu_lib.core import ParameterError
+from tu_lib.core import ParameterError, TuError
 from tu_lib.generate import generate
 
 PROMPTS = ["Describe how a library lends books.", "Explain why the sky looks blue at noon.",
@@ -43,11 +43,13 @@ def test_cmrm_hook_changes_generation_and_removal_restores_it(micro):
 
 def test_recorded_hidden_states_show_the_correction(micro):
     texts = [micro.chat(p, False) for p in PROMPTS[:2]]
-    plain = R.hidden_states(micro, texts, None, [0])
     vec = torch.ones(micro.base_model.config.text_config.hidden_size)
-    with R.cmrm(micro, {0: vec}, alpha=0.5):  # layer 0: the last layer's recorded state is after the final norm
-        steered = R.hidden_states(micro, texts, None, [0])
-    assert np.allclose(steered, plain - 0.5, atol=1e-5)  # prepend=True: the recorded state is the steered one
+    n = len(micro.decoder_layers())
+    plain = R.hidden_states(micro, texts, None, [0, n - 1])
+    with R.cmrm(micro, {-1: vec}, alpha=0.5):  # recorded states are the raw layer outputs, the last layer's too (pre-norm)
+        steered = R.hidden_states(micro, texts, None, [0, n - 1])
+    assert np.allclose(steered[:, 1], plain[:, 1] - 0.5, atol=1e-5)  # prepend=True: the recorded state is the steered one
+    assert np.array_equal(steered[:, 0], plain[:, 0])  # layers before the corrected one are untouched
 
 
 def test_hidden_states_mixed_batches_keep_input_order(micro):
@@ -111,23 +113,66 @@ def test_matched_inputs_and_gap_table(micro):
     assert (table["normalised_distance"] > 0).all()
 
 
-def test_alpha_sweep_rows_and_alpha_zero_is_unsteered(micro):
-    from tu_lib import evaluate
+def test_sample_level_cmrm_in_batches_equals_one_item_at_a_time(micro):
+    texts = [micro.chat(p, True) for p in PROMPTS]
+    images = [_blank(micro)] * len(texts)
+    hidden = micro.base_model.config.text_config.hidden_size
+    rows = torch.randn(len(texts), hidden, generator=torch.Generator().manual_seed(2)) * 5
+    with R.cmrm(micro, {1: rows}, alpha=1.0) as steering:
+        batched = generate(micro.model, micro.processor, texts, images, max_new_tokens=6, batch_size=3,
+                           before_batch=steering.select)
+    alone = []
+    for i, (t, im) in enumerate(zip(texts, images)):
+        with R.cmrm(micro, {1: rows[i]}, alpha=1.0):  # the same row as a dataset-level vector
+            alone += generate(micro.model, micro.processor, [t], [im], max_new_tokens=6, batch_size=1)
+    assert batched == alone
+    plain = generate(micro.model, micro.processor, texts, images, max_new_tokens=6, batch_size=3)
+    assert batched != plain
+    with pytest.raises(TuError, match="select"):
+        with R.cmrm(micro, {1: rows}, alpha=1.0):  # per-item rows without select: refused, not silently broadcast
+            generate(micro.model, micro.processor, texts, images, max_new_tokens=2, batch_size=3)
 
-    inputs = R.matched_inputs(micro, PROMPTS)
-    items = [{"key": f"v1|{i}", "set": "v1_figstep", "text": t, "image": im, "prompt": "p", "instruction": PROMPTS[i]}
-             for i, (t, im) in enumerate(zip(*inputs["typographic"]))]
-    items += [{"key": f"x|{i}", "set": "xstest_safe", "text": t, "image": None, "prompt": p, "instruction": p}
-              for i, (t, p) in enumerate(zip(inputs["text"][0], PROMPTS))]
-    judges = evaluate.Judges(micro, ["refusal_keywords"])
-    vec = torch.randn(micro.base_model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(1)) * 5
-    table = R.alpha_sweep(micro, items, {0: vec}, [0, 1.0], judges, max_new_tokens=6, batch_size=4)
-    assert set(table["alpha"]) == {0.0, 1.0}
-    assert set(zip(table["set"], table["metric"])) == {("v1_figstep", "asr"), ("xstest_safe", "over_refusal")}
-    assert (table["n"] == 4).all()
-    plain = evaluate.metric_rows(micro.preset, "base", judges.judge(items, generate(
-        micro.model, micro.processor, [it["text"] for it in items], [it["image"] for it in items], max_new_tokens=6,
-        batch_size=4)), judges.provenance(), 0)
-    assert table[table["alpha"] == 0]["rate"].tolist() == [r["rate"] for r in plain]
-    with pytest.raises(ParameterError):
-        R.alpha_sweep(micro, items, {0: vec}, [5.0], judges, max_new_tokens=6, batch_size=4)
+
+def _params(**over):
+    base = {"profile": "smoke", "data_dir": "runs/smoke/01_data", "unlearn_dir": "runs/smoke/02_unlearn"}
+    return R.resolve_params({**base, **over})
+
+
+def test_resolve_params_rejects_bad_layers_alphas_and_sets_before_loading():
+    P = _params(layers="0,15,-1", alphas="0,0.5", cmrm_layers="15")
+    assert P["layers"] == [0, 15, -1] and P["alphas"] == [0.0, 0.5] and P["cmrm_layers"] == [15]
+    assert _params(layers="all")["layers"] == "all"
+    for bad, match in (({"layers": "0,x"}, "layer"), ({"layers": [1.5]}, "integer"), ({"cmrm_layers": []}, "layer"),
+                       ({"alphas": "0,3"}, "alpha"), ({"alphas": "a,b"}, "numbers"), ({"combined_alpha": -1.0}, "alpha"),
+                       ({"sets": "t1_advbench"}, "sets"), ({"methods": "dpo"}, "methods"),
+                       ({"judges": "on_topic"}, "refusal_keywords"), ({"position": "first"}, "position")):
+        with pytest.raises(ParameterError, match=match):
+            _params(**bad)
+
+
+def test_check_inputs_names_the_missing_adapter(tmp_path):
+    data = tmp_path / "01"
+    (data / "sets").mkdir(parents=True)
+    for name in ("forget", "v1_figstep", "v2_mmsb_typo"):
+        (data / "sets" / f"{name}.jsonl").write_text('{"prompt": "p"}\n')
+    P = _params(data_dir=str(data), unlearn_dir=str(tmp_path / "02"), sets="v1_figstep,v2_mmsb_typo")
+    with pytest.raises(TuError, match="textual_ga"):
+        R.check_inputs(P)
+    with pytest.raises(TuError):
+        R.check_inputs(dict(P, data_dir=str(tmp_path / "nothing")))
+
+
+def test_sweep_plan_and_alpha_table_lines():
+    import pandas as pd
+
+    P = {"alphas": [0.5, 1.0], "sample_alphas": [1.0], "combine_methods": ["textual_ga"], "combined_alpha": 1.0}
+    plan = R.sweep_plan(P)
+    assert [r["run"] for r in plan] == ["base|none|0", "base|dataset|0.5", "base|dataset|1", "base|sample|1",
+                                        "textual_ga|none|0", "textual_ga|dataset|1"]
+    rows = [{"method": r["model"], "variant": r["variant"], "alpha": r["alpha"], "set": "v1_figstep", "metric": "asr",
+             "judge": "refusal_keywords", "rate": 0.1 * i, "n": 10, "ci_low": 0.0, "ci_high": 1.0} for i, r in enumerate(plan)]
+    table = R.alpha_table(pd.DataFrame(rows))
+    lines = {line: d.set_index("alpha")["rate"].round(3).to_dict() for line, d in table.groupby("line")}
+    # the uncorrected base run starts both base lines; each method's line goes from alone (0) to combined
+    assert lines == {"base + CMRM (dataset)": {0.0: 0.0, 0.5: 0.1, 1.0: 0.2}, "base + CMRM (sample)": {0.0: 0.0, 1.0: 0.3},
+                     "textual_ga (+ CMRM)": {0.0: 0.4, 1.0: 0.5}}

@@ -54,8 +54,11 @@ def _generate_batch(model, processor, texts: list[str], images: list | None, max
     return [row.strip() for row in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def _run(model, processor, texts, images, batches, max_new_tokens, desc, out: list, on_batch=None) -> None:
+def _run(model, processor, texts, images, batches, max_new_tokens, desc, out: list, on_batch=None,
+         before_batch=None) -> None:
     for batch in tqdm(batches, desc=desc, disable=not progress_enabled()):
+        if before_batch is not None:
+            before_batch(batch)
         imgs = [images[i] for i in batch] if images[batch[0]] is not None else None
         answers = _generate_batch(model, processor, [texts[i] for i in batch], imgs, max_new_tokens)
         for i, a in zip(batch, answers):
@@ -65,14 +68,16 @@ def _run(model, processor, texts, images, batches, max_new_tokens, desc, out: li
 
 
 def generate(model, processor, texts: Sequence[str], images: Sequence | None = None, *, max_new_tokens: int = 48,
-             batch_size: int = 16, desc: str = "generate") -> list[str]:
+             batch_size: int = 16, desc: str = "generate", before_batch=None) -> list[str]:
     """Greedy continuations of fully formatted inputs (chat template applied), in input order.
 
     `images[i]` is a PIL image for inputs that hold the image placeholder, else None; items with and without
-    images are batched separately because a batch's pixel_values must match its placeholders."""
+    images are batched separately because a batch's pixel_values must match its placeholders.
+    `before_batch(indices)` is called with each batch's input indices before it is decoded (per-input steering)."""
     images = list(images) if images is not None else [None] * len(texts)
     out: list[str | None] = [None] * len(texts)
-    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out)
+    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
+         before_batch=before_batch)
     return out  # type: ignore[return-value]
 
 
