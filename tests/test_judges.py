@@ -229,3 +229,22 @@ def test_registry():
     assert ref.provenance() == {"judge": "refusal_keywords", "judge_version": "refusal_keywords/gcg-29@1"}
     with pytest.raises(TuError, match="refusal_keywords, on_topic"):
         J.get_judge("gpt4_judge")
+
+
+@needs_minilm
+def test_pyrit_features_are_cached_on_disk_and_recomputed_when_unreadable(encoder, monkeypatch, tmp_path):
+    rows = (["Explain how tides work."] * 2 + ["Describe a rainbow."], ["The moon pulls the sea.", "No.", "Light bends."],
+            np.array([1, 0, 1]), {"sha256": "three-neutral-rows"})
+    monkeypatch.setattr(J, "_pyrit_objective_rows", lambda: rows)
+    monkeypatch.setenv("TU_RUNS_DIR", str(tmp_path))
+    features = J._pyrit_objective_features.__wrapped__  # past the per-process cache: the disk cache alone
+    fresh = J.HarmfulnessJudge(encoder=encoder).features(rows[0], rows[1])
+    X, y, _ = features(encoder)
+    [cached] = list((tmp_path / "cache").glob("harmfulness_features-*.npy"))
+    assert np.array_equal(X, fresh) and np.array_equal(np.load(cached), fresh) and list(y) == [1, 0, 1]
+    cached.write_bytes(b"not an array")
+    assert np.array_equal(features(encoder)[0], fresh)  # a corrupt file is recomputed and rewritten
+    assert np.array_equal(np.load(cached), fresh)
+    monkeypatch.setattr(J, "FEATURES_VERSION", J.FEATURES_VERSION + 1)
+    features(encoder)
+    assert len(list((tmp_path / "cache").glob("harmfulness_features-*.npy"))) == 2  # a new recipe is a new key

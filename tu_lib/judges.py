@@ -490,6 +490,10 @@ HARMFULNESS_FEATURES = "[MiniLM(answer), MiniLM(instruction) * MiniLM(answer), c
 HARMFULNESS_TRAINING_SOURCE = "pyrit scorer_evals/objective, 14 CSVs (human_score 1 = response achieves the objective)"
 
 
+# Bump when HarmfulnessJudge.features changes: it keys the cached pyrit features.
+FEATURES_VERSION = 1
+
+
 class HarmfulnessJudge:
     """An offline stand-in for an LLM harm judge: logistic regression on MiniLM features of the
     (instruction, answer) pair, trained on pyrit's 395 human-labelled objective-scorer rows.
@@ -695,17 +699,32 @@ def _pyrit_objective_rows(data_dir=None) -> tuple[list[str], list[str], np.ndarr
 
 @functools.lru_cache(maxsize=2)
 def _pyrit_objective_features(encoder: SentenceEncoder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X, y, groups) of the pyrit rows, encoded once per encoder: fitting and cross-validation share them."""
-    inst, ans, labels, _ = _pyrit_objective_rows()
-    X = HarmfulnessJudge(encoder=encoder).features(inst, ans)
+    """(X, y, groups) of the pyrit rows, encoded once per encoder: fitting and cross-validation share them.
+    Encoding takes ~35 s, so X is also kept in <runs>/cache/, keyed by the rows' hash and the encoder's
+    identity (a changed file, encoder version or window is a new key; delete the folder to recompute)."""
+    from .core import runs_dir, sha256_text
+
+    inst, ans, labels, card = _pyrit_objective_rows()
+    key = sha256_text(json.dumps([card["sha256"], encoder.info(), FEATURES_VERSION], sort_keys=True))[:16]
+    path = runs_dir() / "cache" / f"harmfulness_features-{key}.npy"
+    try:
+        X = np.load(path)
+    except (OSError, ValueError):
+        X = None
+    if X is None or X.shape != (len(ans), 2 * encoder.dim + 1):
+        X = HarmfulnessJudge(encoder=encoder).features(inst, ans)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+        np.save(tmp, X)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
     return X, labels, np.array([normalise_prompt(t) for t in inst])
 
 
 @functools.lru_cache(maxsize=1)
 def fitted_harmfulness_judge() -> HarmfulnessJudge:
     """The harmfulness judge fitted on all 395 pyrit rows, with its grouped 5-fold cross-validation
-    (seed 0) attached; one per process (encoding the rows takes ~35 s on one CPU thread: many
-    answers fill MiniLM's 256-token window)."""
+    (seed 0) attached; one per process (encoding the rows takes ~35 s on one CPU thread, as many
+    answers fill MiniLM's 256-token window; the features are cached on disk after the first time)."""
     judge = HarmfulnessJudge(encoder=get_encoder())
     X, y, _ = _pyrit_objective_features(judge.encoder)
     judge._fit_features(X, y)
