@@ -19,12 +19,13 @@ export HF_DATASETS_OFFLINE ?= 1
 export MPLBACKEND := Agg
 export TU_PROGRESS ?= 1
 
-.PHONY: setup smoke-inputs reproduce test notebooks organism organism-check clean help
+.PHONY: setup smoke-inputs reproduce test notebooks report organism organism-check clean help
 
 help:
 	@echo "make reproduce   run every notebook with papermill on profile '$(PROFILE)' (outputs in runs/, figures/)"
 	@echo "make test        unit tests + nbval over the committed notebooks"
-	@echo "make notebooks   re-execute the committed notebooks in place (refresh their stored outputs)"
+	@echo "make notebooks   re-execute the committed notebooks in place (refresh their stored outputs, README's results)"
+	@echo "make report      render the notebooks executed by the last 'make reproduce' as HTML in runs/report/"
 	@echo "make organism    rebuild the organism's trained parts and card in organism/ (30-45 min)"
 	@echo "make organism-check  rebuild into runs/organism_rebuild and compare its card with the committed one"
 
@@ -65,6 +66,10 @@ notebooks: setup smoke-inputs
 	  echo "== $$n (smoke copy for nbval)"; \
 	  TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar notebooks/$$n.ipynb tests/nbval/$$n.smoke.ipynb -p profile smoke || exit 1; \
 	done
+	$(PY) -m tu_lib.report readme
+
+report: setup
+	$(PY) -m tu_lib.report html
 
 organism: setup
 	@mkdir -p runs/notebooks
