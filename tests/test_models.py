@@ -409,3 +409,12 @@ def test_organism_is_delegated_lazily(monkeypatch):
     fake.load_organism = lambda **kw: ("organism", kw)
     monkeypatch.setitem(sys.modules, "tu_lib.organism", fake)
     assert M.load_vlm("organism", dtype="float32") == ("organism", {"dtype": "float32", "device": "cpu"})
+
+
+def test_device_auto_is_the_gpu_when_there_is_one_else_the_cpu():
+    import torch
+
+    vlm = M.load_vlm("micro", dtype="float32")  # the notebooks pass no device: auto
+    assert vlm.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ParameterError, match="'auto'"):
+        M.load_vlm("micro", device="gpu")

@@ -940,8 +940,11 @@ class LlamaGuardJudge:
     name = "llama_guard"
 
     def __init__(self, model_id: str = LLAMA_GUARD_DEFAULT, *, local_dir: str | os.PathLike | None = None,
-                 model=None, tokenizer=None, dtype="auto", device: str = "cpu", max_new_tokens: int = 10,
+                 model=None, tokenizer=None, dtype="auto", device: str = "auto", max_new_tokens: int = 10,
                  batch_size: int = 4):
+        from .models import _resolve_device
+
+        device = _resolve_device(device)  # auto: the GPU when torch sees one (an 8B judge on CPU is impractical)
         self.model_id = model_id
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         if (model is None) != (tokenizer is None):

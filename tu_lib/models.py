@@ -282,19 +282,29 @@ def _check_args(preset: Any, dtype: Any, device: Any, seed: Any = 0) -> None:
         raise ParameterError(f"Unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}.")
     if isinstance(dtype, str) and dtype not in _DTYPES:
         raise ParameterError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}.")
-    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
-        raise ParameterError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}.")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ParameterError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}.")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ParameterError(f"seed must be an int, got {seed!r}.")
 
 
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_vlm(preset: str, *, dtype: Any = "auto", local_dir: str | os.PathLike | None = None,
-             device: str = "cpu", seed: int = 0) -> VLM:
+             device: str = "auto", seed: int = 0) -> VLM:
     """Load a preset as a VLM. Arguments are checked before anything heavy is imported or read.
+    device 'auto' is the first CUDA GPU when torch sees one, else the CPU (so notebooks need no device parameter).
 
     local_dir: for the llava presets, a folder in the llava-hf layout (default: $TU_MODEL_DIR/<hub id>
     or $TU_MODEL_DIR/<repo name> if present, else the hub). seed: weights of the random `micro` model."""
     _check_args(preset, dtype, device, seed)
+    device = _resolve_device(device)
     if local_dir is not None and preset not in HUB_IDS:
         raise ParameterError(f"local_dir is only used by the presets {', '.join(HUB_IDS)}, not by {preset!r}.")
     if preset == "organism":
@@ -485,6 +495,7 @@ def build_micro(seed: int = 0, dtype: Any = "float32", device: str = "cpu") -> V
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     _check_args("micro", dtype, device, seed)
+    device = _resolve_device(device)
     _quiet_transformers()
     torch_dtype = resolve_dtype(dtype, device)
     tok = _micro_tokenizer()

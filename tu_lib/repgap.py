@@ -19,7 +19,7 @@ import torch
 from .core import ParameterError, TuError
 
 __all__ = ["check_layers", "check_alphas", "meaningless_image", "matched_inputs", "hidden_states", "gap_metrics",
-           "gap_table", "direction_cosine", "shift_vectors", "sample_shift_vectors", "cmrm", "SPEC", "resolve_params",
+           "gap_table", "direction_cosine", "mean_shift", "shift_vectors", "sample_shift_vectors", "cmrm", "SPEC", "resolve_params",
            "check_inputs", "resolve_layers", "anchor_prompts", "model_shifts", "collect_states", "gap_rows", "pca_rows",
            "grid_layers", "sweep_plan", "sweep_answers", "sweep_rows", "shift_norms", "layers_figure", "pca_figure",
            "alpha_table", "alpha_figure", "write_outputs"]
@@ -191,6 +191,12 @@ def direction_cosine(harmful_a: np.ndarray, benign_a: np.ndarray, harmful_b: np.
     return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
 
 
+def mean_shift(with_image: np.ndarray, text: np.ndarray) -> np.ndarray:
+    """CMRM's dataset-level shift from paired states (row i: the same prompt with and without the meaningless
+    image): the mean of the differences over the rows."""
+    return (with_image - text).mean(0)
+
+
 def shift_vectors(vlm, chats_with_image: Sequence[str], chats_text: Sequence[str], meaningless_images: Sequence,
                   layers: Sequence[int], *, position: str = "last") -> dict[int, torch.Tensor]:
     """CMRM's dataset-level shift per layer: mean over the anchor prompts of h(x, meaningless image) - h(x).
@@ -200,7 +206,7 @@ def shift_vectors(vlm, chats_with_image: Sequence[str], chats_text: Sequence[str
     layers = check_layers(vlm, layers)
     with_image = hidden_states(vlm, chats_with_image, meaningless_images, layers, position=position)
     text = hidden_states(vlm, chats_text, None, layers, position=position)
-    diff = (with_image - text).mean(0)
+    diff = mean_shift(with_image, text)
     return {layer: torch.from_numpy(diff[j]) for j, layer in enumerate(layers)}
 
 

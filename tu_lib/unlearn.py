@@ -361,6 +361,14 @@ def token_nll(logits, targets):
     return torch.nn.functional.cross_entropy(logits, targets, reduction="none")
 
 
+def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(reference || current) of the next-token distributions (Yao et al.'s
+    utility term: the frozen model's distribution is the target, so the current model is kept where it was)."""
+    cur = torch.log_softmax(logits, -1)
+    ref = torch.log_softmax(reference_logits, -1)
+    return (ref.exp() * (ref - cur)).sum(-1).mean()
+
+
 def step_loss(model, reference, method: Method, cfg: TrainConfig, vlm, rows: dict[str, list]) -> tuple[torch.Tensor, dict]:
     """The method's loss on one step's rows and its logged terms (floats).
 
@@ -389,11 +397,9 @@ def step_loss(model, reference, method: Method, cfg: TrainConfig, vlm, rows: dic
         terms.append(-(2.0 / cfg.npo_beta) * torch.nn.functional.logsigmoid(-cfg.npo_beta * (logp - ref_logp)).mean())
     if n_n and cfg.kl_weight > 0:
         keep = row >= n_f + n_m
-        cur = torch.log_softmax(logits[keep], -1)
         with torch.no_grad(), reference():
             ref_logits, _, _ = answer_logits(model, encode_rows(vlm, rows["normal"]))
-            ref = torch.log_softmax(ref_logits, -1)
-        kl = (ref.exp() * (ref - cur)).sum(-1).mean()
+        kl = kl_to_reference(logits[keep], ref_logits)
         terms.append(cfg.kl_weight * kl)
         logged["kl"] = float(kl.detach())
         logged["normal_nll"] = float(nll_rows[n_f + n_m:].mean().detach())
@@ -704,8 +710,7 @@ def main(argv: list[str]) -> None:
     started = time.time()
     P = resolve_params(given)
     load_sets(P["data_dir"], P["n_forget"])  # fail before loading a model
-    vlm = models.load_vlm(P["preset"], dtype=P["dtype"], local_dir=P["model_dir"] or None,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
+    vlm = models.load_vlm(P["preset"], dtype=P["dtype"], local_dir=P["model_dir"] or None)  # device auto: a GPU if any
     data = prepare_data(vlm, P)
     summaries = train_all(vlm, data, P, after=lambda m, s: print(f"{m}: {s['steps_done']} steps, {s['stopped_by']}"))
     print("record:", write_record(P, data, summaries, {}, started))
