@@ -216,3 +216,11 @@ def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TU_MODEL_DIR", str(tmp_path / "no_models"))
     stops_early(NB, tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(stage01))
+
+
+def test_run_identity_includes_the_model():
+    data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
+                         mismatch_answers=["b"])
+    cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
+    assert cfg.key(data, "llava-1.5-7b") != cfg.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
+    assert cfg.key(data, "organism") == cfg.key(data, "organism")

@@ -191,12 +191,12 @@ def reading_rows(vlm, P: dict) -> list[dict]:
 
 
 def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path) -> list[str]:
-    """Answers of one model to every item (resumable JSONL under out/generations/)."""
+    """Answers of one model to every item (resumable JSONL under out/generations/<preset>/)."""
     from .generate import generate_jsonl
     from .params import resolve_path
     from .unlearn import adapter_applied
 
-    path = out / "generations" / f"{method}.jsonl"
+    path = out / "generations" / vlm.preset / f"{method}.jsonl"  # per model: a 13B run never reuses 7B answers
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"key": it["key"], "text": it["text"], "image": it["image"]} for it in items]
     if method == "base":

@@ -274,9 +274,11 @@ class TrainConfig:
         values["lora_targets"] = tuple(values.get("lora_targets", cls.lora_targets))
         return cls(method=method, **values)
 
-    def key(self, data: UnlearnData) -> str:
-        """Identity of a run: every setting and the data. A checkpoint resumes only under the same key."""
-        blob = json.dumps({"config": asdict(self), "forget": data.forget, "normal": data.normal}, sort_keys=True, default=list)
+    def key(self, data: UnlearnData, model: str) -> str:
+        """Identity of a run: the model preset, every setting and the data. A checkpoint resumes, and a finished
+        run is reused, only under the same key (so a 13B run never picks up a 7B adapter from the same folder)."""
+        blob = json.dumps({"model": model, "config": asdict(self), "forget": data.forget, "normal": data.normal},
+                          sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -518,7 +520,7 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
         raise ParameterError(f"steps, lr and batch_size must be > 0 (got {cfg.steps}, {cfg.lr}, {cfg.batch_size}).")
     method, out_dir = METHODS[cfg.method], Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    key = cfg.key(data)
+    key = cfg.key(data, vlm.preset)
     summary_file = out_dir / "summary.json"
     if summary_file.is_file() and json.loads(summary_file.read_text()).get("key") == key:
         return json.loads(summary_file.read_text())  # this exact run is complete
