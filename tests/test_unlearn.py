@@ -224,3 +224,21 @@ def test_run_identity_includes_the_model():
     cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
     assert cfg.key(data, "llava-1.5-7b") != cfg.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
     assert cfg.key(data, "organism") == cfg.key(data, "organism")
+
+
+def test_more_processes_than_rows_per_step_is_refused_before_training(monkeypatch, tmp_path):
+    import accelerate
+
+    class ThreeProcesses:
+        num_processes, process_index, is_main_process = 3, 0, True
+
+        def __init__(self, **kwargs):
+            pass
+
+    monkeypatch.setattr(accelerate, "Accelerator", ThreeProcesses)
+    data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
+                               mismatch_answers=["b"])
+    cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=2)
+    with pytest.raises(ParameterError, match="num_processes <= 2"):
+        unlearn.train(None, data, cfg, tmp_path)  # no model is touched: the check comes first
+    assert not any(tmp_path.iterdir())

@@ -293,7 +293,9 @@ def _resolve_device(device: str) -> str:
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"  # under `accelerate launch`, each process its own GPU
 
 
 def load_vlm(preset: str, *, dtype: Any = "auto", local_dir: str | os.PathLike | None = None,

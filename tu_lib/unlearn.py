@@ -520,6 +520,9 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
         raise ParameterError(f"steps, lr and batch_size must be > 0 (got {cfg.steps}, {cfg.lr}, {cfg.batch_size}).")
     method, out_dir = METHODS[cfg.method], Path(out_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > cfg.batch_size:  # shard() would hand the extra processes empty steps
+        raise ParameterError(f"{accelerator.num_processes} processes but batch_size {cfg.batch_size}: each process needs at "
+                             f"least one row of every step; launch with --num_processes <= {cfg.batch_size} or raise batch_size.")
     key = cfg.key(data, vlm.preset)
     summary_file = out_dir / "summary.json"
     if summary_file.is_file() and json.loads(summary_file.read_text()).get("key") == key:
@@ -698,7 +701,7 @@ def write_record(P: dict, data: UnlearnData, summaries: dict, checks: dict, star
 
 def main(argv: list[str]) -> None:
     """`python -m tu_lib.unlearn name=value ...` (or under `accelerate launch`): notebook 02's training without
-    the notebook, e.g. `accelerate launch --num_processes 4 -m tu_lib.unlearn profile=paper`."""
+    the notebook, e.g. `accelerate launch --num_processes 2 -m tu_lib.unlearn profile=paper` (at most batch_size processes)."""
     import yaml
 
     from . import models
