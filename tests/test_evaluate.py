@@ -114,3 +114,12 @@ def test_notebook_stops_when_an_adapter_is_missing(tmp_path):
     write_jsonl(tmp_path / "d" / "sets" / "t1_advbench.jsonl", [])
     stops_early(NB, tmp_path, "No adapter for method 'mm_sft'", 0, methods="base,mm_sft", sets="t1_advbench",
                 unlearn_dir=str(tmp_path / "none"), data_dir=str(tmp_path / "d"))
+
+
+def test_reading_utility_on_a_llava_preset_needs_the_image_folder():
+    from tu_lib import evaluate
+
+    P = {"preset": "llava-1.5-7b", "sets": ["utility_reading"], "llava_images_dir": "", "data_dir": "x",
+         "unlearn_dir": "y", "methods": ["base"]}
+    with pytest.raises(TuError, match="llava_images_dir"):
+        evaluate.check_inputs(P)  # before any model is loaded, instead of an empty set later

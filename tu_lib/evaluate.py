@@ -111,6 +111,11 @@ def check_inputs(P: dict) -> None:
     from .params import resolve_path
     from .unlearn import stage01_file
 
+    from .models import HUB_IDS
+
+    if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
+        raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
+                      "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
     for name in P["sets"]:
         f = STAGE01_FILE.get(name, name)
         if f:

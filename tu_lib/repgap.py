@@ -385,7 +385,8 @@ def check_inputs(P: dict) -> None:
 
     stage01_file(P["data_dir"], "forget")  # anchor prompts
     check_stage03_inputs({"sets": ["v1_figstep", *P["sets"]], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
-                          "methods": [BASE, *P["methods"], *P["combine_methods"]]})
+                          "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
+                          "llava_images_dir": P["llava_images_dir"]})
 
 
 def resolve_layers(vlm, P: dict) -> tuple[list[int], list[int]]:
