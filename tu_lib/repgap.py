@@ -410,13 +410,16 @@ def anchor_prompts(P: dict) -> list[str]:
 
 def gap_instructions(P: dict) -> tuple[list[str], list[str]]:
     """(harmful, benign) instructions of the gap analysis, matched in form ("Steps to …", "List of …"):
-    V1 FigStep's SafeBench phrases and the held-out benign titles of the reading set."""
+    V1 FigStep's SafeBench phrases and the held-out benign titles of the reading set (at most n_gap each, as many
+    harmful as benign; there are 42 held-out titles)."""
     from . import organism
     from .core import read_jsonl
     from .unlearn import stage01_file
 
-    harmful = [r["image_text"] for r in read_jsonl(stage01_file(P["data_dir"], "v1_figstep"))][: P["n_gap"]]
-    return harmful, organism.benign_titles(P["seed"])[1][: P["n_gap"]]
+    harmful = [r["image_text"] for r in read_jsonl(stage01_file(P["data_dir"], "v1_figstep"))]
+    benign = organism.benign_titles(P["seed"])[1]
+    n = min(P["n_gap"], len(harmful), len(benign))  # equal groups: the probe and the directions assume balance
+    return harmful[:n], benign[:n]
 
 
 def model_context(vlm, P: dict, method: str):
