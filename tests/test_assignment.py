@@ -111,3 +111,16 @@ def test_notebook_grades_a_wrong_implementation_as_failed(tmp_path):
     with pytest.raises(pm.PapermillExecutionError) as err:
         _run_notebook(tmp_path, {})  # nothing implemented: the exercise says so
     assert err.value.ename == "NotImplementedError" and "exercise (a)" in err.value.evalue
+
+
+def test_handed_out_notebook_is_blank_and_its_checked_solution_copy_is_current():
+    def code_cells(path):
+        nb = json.loads(path.read_text())
+        return [c for c in nb["cells"] if c["cell_type"] == "code" and "injected-parameters" not in c["metadata"].get("tags", [])]
+
+    blank = code_cells(repo_root() / "notebooks" / "06_assignment.ipynb")
+    solved = code_cells(repo_root() / "tests" / "nbval" / "06_assignment.solution.ipynb")
+    assert not any(c.get("outputs") for c in blank), "students get the notebook without outputs (no solutions shown)"
+    # nbval checks the solution copy: it must be the handed-out notebook, executed (rerun `make notebooks` after edits)
+    assert ["".join(c["source"]) for c in blank] == ["".join(c["source"]) for c in solved]
+    assert sum(bool(c.get("outputs")) for c in solved) >= 6  # every graded check and demonstration printed

@@ -276,22 +276,14 @@ SWEEP_SETS = ("v1_figstep", "v2_mmsb_typo", "utility_reading")  # stage 03's ima
 BASE = "base"
 
 
-def _float_list(name: str, value) -> list[float]:
+def _parsed_list(name: str, value, cast, expected: str) -> list:
+    """A list parameter whose command-line strings (`-p alphas 0,0.5`) are cast to numbers."""
     from .unlearn import _as_list
 
     try:
-        return [float(x) if isinstance(x, str) else x for x in _as_list(value)]
+        return [cast(x) if isinstance(x, str) else x for x in _as_list(value)]
     except ValueError:
-        raise ParameterError(f"Parameter {name}={value!r} must be a list of numbers, e.g. `-p {name} 0,0.5,1.0`.") from None
-
-
-def _int_list(name: str, value) -> list[int]:
-    from .unlearn import _as_list
-
-    try:
-        return [int(x) if isinstance(x, str) else x for x in _as_list(value)]
-    except ValueError:
-        raise ParameterError(f"Parameter {name}={value!r} must be 'all' or a list of layer indices, e.g. `-p {name} 0,15,-1`.") from None
+        raise ParameterError(f"Parameter {name}={value!r} must be {expected}.") from None
 
 
 def _spec():
@@ -367,13 +359,13 @@ def resolve_params(namespace: dict) -> dict:
         raise ParameterError("judges must include 'refusal_keywords' (the ASR every paper reports).")
     if P["preset"] not in models.PRESETS:
         raise ParameterError(f"Unknown model preset {P['preset']!r}; valid presets: {', '.join(models.PRESETS)}.")
-    P["layers"] = "all" if P["layers"] == "all" else _int_list("layers", P["layers"])
-    P["cmrm_layers"] = _int_list("cmrm_layers", P["cmrm_layers"])
+    P["layers"] = "all" if P["layers"] == "all" else _parsed_list("layers", P["layers"], int, "'all' or a list of layer indices, e.g. `-p layers 0,15,-1`")
+    P["cmrm_layers"] = _parsed_list("cmrm_layers", P["cmrm_layers"], int, "a list of layer indices, e.g. `-p cmrm_layers 15`")
     for key in ("layers", "cmrm_layers"):
         if P[key] != "all" and (not P[key] or any(isinstance(x, bool) or not isinstance(x, int) for x in P[key])):
             raise ParameterError(f"Parameter {key}={P[key]!r} must name decoder layers by integer index, e.g. [0, 15, -1].")
-    P["alphas"] = check_alphas(_float_list("alphas", P["alphas"]))
-    P["sample_alphas"] = check_alphas(_float_list("sample_alphas", P["sample_alphas"])) if P["sample_alphas"] else []
+    P["alphas"] = check_alphas(_parsed_list("alphas", P["alphas"], float, "a list of numbers, e.g. `-p alphas 0,0.5,1.0`"))
+    P["sample_alphas"] = check_alphas(_parsed_list("sample_alphas", P["sample_alphas"], float, "a list of numbers, e.g. `-p sample_alphas 1.0`")) if P["sample_alphas"] else []
     P["combined_alpha"] = check_alphas([P["combined_alpha"]])[0]
     return P
 
