@@ -49,11 +49,11 @@ reproduce: setup
 	  name=$$(basename $$nb); echo "== $$name (profile $(PROFILE))"; \
 	  $(VENV)/bin/papermill --no-progress-bar $$nb runs/notebooks/$$name -p profile $(PROFILE) || exit 1; \
 	done
-	@echo "executed notebooks: runs/notebooks/; figures: figures/"
+	@echo "executed notebooks: runs/notebooks/; figures: $(if $(filter default,$(PROFILE)),figures/,runs/$(PROFILE)/figures/); HTML: make report"
 
 test: setup smoke-inputs
 	TU_PROGRESS=0 $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval --nbval-current-env \
-	  --nbval-sanitize-with nbval_sanitize.cfg -q
+	  --nbval-sanitize-with nbval_sanitize.cfg -q --durations=15
 
 # stage 01 on the smoke profile: the input of the smoke copies of later stages (tests/nbval/*.smoke.ipynb)
 smoke-inputs: setup

@@ -18,3 +18,15 @@ def stops_early(notebook, tmp_path, message: str, cell: int, **parameters) -> No
             and not {"parameters", "injected-parameters"} & set(c["metadata"].get("tags", []))]
     assert any(o.get("output_type") == "error" for o in code[cell]["outputs"]), f"expected the stop in code cell {cell}"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "figures").exists()
+
+
+def code_cells(path) -> list[dict]:
+    """A notebook's code cells without the cell papermill injects for its -p parameters."""
+    nb = json.loads(path.read_text())
+    return [c for c in nb["cells"] if c["cell_type"] == "code" and "injected-parameters" not in c["metadata"].get("tags", [])]
+
+
+def injected_source(path) -> str:
+    """The source of the cell papermill injected (empty if none)."""
+    nb = json.loads(path.read_text())
+    return "".join("".join(c["source"]) for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))

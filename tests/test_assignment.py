@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from notebook_helpers import code_cells
 from tu_lib import assignment as A
 from tu_lib.core import ParameterError, repo_root
 
@@ -118,10 +119,6 @@ def test_notebook_grades_a_wrong_implementation_as_failed(tmp_path):
 
 
 def test_handed_out_notebook_is_blank_and_its_checked_solution_copy_is_current():
-    def code_cells(path):
-        nb = json.loads(path.read_text())
-        return [c for c in nb["cells"] if c["cell_type"] == "code" and "injected-parameters" not in c["metadata"].get("tags", [])]
-
     blank = code_cells(repo_root() / "notebooks" / "06_assignment.ipynb")
     solved = code_cells(repo_root() / "tests" / "nbval" / "06_assignment.solution.ipynb")
     assert not any(c.get("outputs") for c in blank), "students get the notebook without outputs (no solutions shown)"

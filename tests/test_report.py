@@ -1,6 +1,7 @@
 """Reviewer views: README's expected-results block matches the figures' CSVs; the HTML report renders."""
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -45,11 +46,18 @@ def test_expected_results_numbers_come_from_the_csv(tmp_path):
 def test_html_report_of_executed_notebooks(tmp_path):
     nbs = tmp_path / "notebooks"
     nbs.mkdir()
-    shutil.copy(repo_root() / "tests" / "nbval" / "05_repgap.smoke.ipynb", nbs / "05_repgap.ipynb")
+    nb = json.loads((repo_root() / "tests" / "nbval" / "05_repgap.smoke.ipynb").read_text())
+    figs = tmp_path / "smoke_figures"  # the run's figure folder, as its fig_dir parameter says
+    figs.mkdir()
+    shutil.copy(repo_root() / "figures" / "05_repgap_alpha.png", figs / "05_repgap_alpha.png")
+    nb["metadata"]["papermill"]["parameters"]["fig_dir"] = str(figs)
+    (nbs / "05_repgap.ipynb").write_text(json.dumps(nb))
     index = report.render_report(nbs, tmp_path / "report")
     page = index.read_text()
     assert "05_repgap.html" in page and "representation gap" in page and "profile=&#x27;smoke&#x27;" in page
     assert (tmp_path / "report" / "05_repgap.html").stat().st_size > 10_000
-    assert (tmp_path / "report" / "figures" / "05_repgap_alpha.png").is_file()
+    # the gallery shows this run's figures only (not the committed default run's others in figures/)
+    assert sorted(p.name for p in (tmp_path / "report" / "figures").iterdir()) == ["05_repgap_alpha.png"]
+    assert page.count("<figure>") == 1
     with pytest.raises(TuError, match="make reproduce"):
         report.render_report(tmp_path / "empty", tmp_path / "r2")

@@ -107,6 +107,16 @@ def _title(nb: dict, fallback: str) -> str:
     return fallback
 
 
+def _figures_of(executed: Path) -> list[Path]:
+    """The figures an executed notebook wrote: its stage's PNGs in the figure folder of the run's parameters
+    (an explicit fig_dir, else the profile's), so a smoke run's report does not show the default run's figures."""
+    from .params import profile_values, resolve_path
+
+    given = json.loads(executed.read_text()).get("metadata", {}).get("papermill", {}).get("parameters") or {}
+    fig_dir = given.get("fig_dir") or profile_values(given.get("profile", "default"), executed.stem).get("fig_dir")
+    return sorted(resolve_path(fig_dir).glob(f"{executed.stem}_*.png")) if fig_dir else []
+
+
 def render_report(notebooks_dir: str | Path | None = None, out_dir: str | Path | None = None) -> Path:
     """Each executed notebook as HTML, an index page linking them (title, parameters, wall time) and a gallery
     of the figures they wrote; returns the index path."""
@@ -132,13 +142,14 @@ def render_report(notebooks_dir: str | Path | None = None, out_dir: str | Path |
                        f"{'%.0f s' % seconds if seconds else 'wall time not recorded'}</li>")
     gallery_dir = out_dir / "figures"  # copies, so the report folder can be moved or zipped as it is
     gallery_dir.mkdir(exist_ok=True)
-    figures = sorted((repo_root() / "figures").glob("*.png"))
+    figures = [f for path in paths for f in _figures_of(path)]
     for p in figures:
-        shutil.copy2(p, gallery_dir / p.name)
-        if p.with_suffix(".csv").is_file():
-            shutil.copy2(p.with_suffix(".csv"), gallery_dir / p.with_suffix(".csv").name)
+        for f in (p, p.with_suffix(".csv")):
+            if f.is_file():
+                shutil.copy2(f, gallery_dir / f.name)
     gallery = "".join(f"<figure><img src='figures/{p.name}' width='720'><figcaption>{p.stem} "
                       f"(<a href='figures/{p.stem}.csv'>data</a>)</figcaption></figure>" for p in figures)
+    gallery = gallery or "<p>The executed notebooks' figure folders hold no figures.</p>"
     index = out_dir / "index.html"
     index.write_text("<!doctype html><meta charset='utf-8'><title>tu report</title><h1>tu — executed notebooks</h1>"
                      f"<p>From {html.escape(str(notebooks_dir))}.</p><ol>{''.join(entries)}</ol><h2>Figures</h2>{gallery}")

@@ -1,0 +1,27 @@
+"""nbval executes the smoke copies in tests/nbval, not the notebooks users run: each copy must be its notebook,
+cell for cell, run with the smoke profile — otherwise an edited notebook would go untested (`make notebooks`
+regenerates the copies)."""
+from pathlib import Path
+
+import pytest
+
+from notebook_helpers import code_cells, injected_source
+from tu_lib.core import repo_root
+
+COPIES = sorted((repo_root() / "tests" / "nbval").glob("*.smoke.ipynb"))
+
+
+def test_every_notebook_but_the_data_stage_has_a_smoke_copy():
+    # 01 runs as itself (it is fast); 06 has its solution copy, checked in test_assignment
+    expected = {p.stem for p in (repo_root() / "notebooks").glob("*.ipynb")} - {"01_data", "06_assignment"}
+    assert {Path(p.stem).stem for p in COPIES} == expected
+
+
+@pytest.mark.parametrize("copy", COPIES, ids=lambda p: p.name)
+def test_smoke_copy_is_its_notebook_run_with_the_smoke_profile(copy):
+    notebook = repo_root() / "notebooks" / (Path(copy.stem).stem + ".ipynb")
+    ours, theirs = code_cells(copy), code_cells(notebook)
+    assert ["".join(c["source"]) for c in ours] == ["".join(c["source"]) for c in theirs], (
+        f"{copy.name} is out of date with {notebook.name}: run `make notebooks`")
+    assert 'profile = "smoke"' in injected_source(copy)
+    assert all(c.get("outputs") is not None for c in ours) and sum(bool(c.get("outputs")) for c in ours) >= 2
