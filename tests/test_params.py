@@ -31,6 +31,7 @@ def test_profile_fills_unset_values_and_explicit_values_win():
     (base(near_dup_threshold=1.5), ["near_dup_threshold=1.5", "between 0 and 1"]),
     (base(forget_source="web"), ["forget_source='web'", "donotanswer"]),
     (base(profile=3), ["profile=3"]),
+    (base(pku_local_dir="no/such/folder"), ["pku_local_dir='no/such/folder'", "no folder", "repository root"]),
 ])
 def test_bad_parameters_are_refused_with_the_fix(ns, words):
     with pytest.raises(ParameterError) as err:
@@ -74,3 +75,11 @@ def test_parameters_cell_matches_spec(spec):
     exec("".join(cell["source"]), ns)
     for p in spec.params:
         assert ns[p.name] == p.default, p.name
+
+
+def test_local_folders_are_taken_from_the_repository_root(monkeypatch, tmp_path):
+    # papermill may run the kernel in notebooks/ (nbconvert does): a relative folder must not depend on that
+    monkeypatch.chdir(tmp_path)
+    P = params.resolve(curate.SPEC, base(pku_local_dir="data"))
+    assert P["pku_local_dir"] == str(params.repo_root() / "data")
+    assert params.resolve(curate.SPEC, base())["pku_local_dir"] == ""  # unset stays unset

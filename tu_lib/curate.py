@@ -74,7 +74,7 @@ DNA_HARMFUL_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "inf
 SPEC = Spec(NOTEBOOK, [
     Param("profile", (str,), "default", "settings profile: a folder under configs/ (smoke, default, paper)"),
     Param("seed", (int,), 0, "seed of every permutation that assigns items to sets"),
-    Param("data_dir", (str,), "", "folder with the vendored data; empty: the repository's data/"),
+    Param("data_dir", (str,), "", "folder with the vendored data; empty: the repository's data/", folder=True),
     Param("out_dir", (str,), None, "output folder, relative to the repository root; None: the profile's",
           profiled=True),
     Param("fig_dir", (str,), None, "folder for the figure and its CSV; None: the profile's", profiled=True),
@@ -82,7 +82,7 @@ SPEC = Spec(NOTEBOOK, [
             profiled=True) for name, _, key, _ in SETS],
     Param("forget_source", (str,), None, "'donotanswer' (offline) or 'pku_saferlhf' (hub, paper)",
           one_of("donotanswer", "pku_saferlhf"), profiled=True),
-    Param("pku_local_dir", (str,), "", "folder with a PKU-SafeRLHF download, for forget_source='pku_saferlhf' offline"),
+    Param("pku_local_dir", (str,), "", "folder with a PKU-SafeRLHF download, for forget_source='pku_saferlhf' offline", folder=True),
     Param("v2_scenarios", (str,), "harmful", "MM-SafetyBench scenarios in V2: 'harmful' (01-07, 09) or 'all'",
           one_of("harmful", "all")),
     Param("t3_max_template_chars", (int,), 2500, "longest jailbreak template used in T3 (characters)", positive),

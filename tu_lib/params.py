@@ -30,6 +30,7 @@ class Param:
     help: str
     check: Callable[[Any], str | None] | None = None  # returns an error text, or None when fine
     profiled: bool = False  # None means "take the profile's value"
+    folder: bool = False  # a user's local folder: must exist; relative paths start at the repository root
 
 
 @dataclass
@@ -168,6 +169,12 @@ def resolve(spec: Spec, namespace: dict) -> dict:
             problem = p.check(value)
             if problem:
                 raise ParameterError(f"Parameter {p.name}={value!r} {problem}. Meaning: {p.help}")
+        if p.folder and value:
+            folder = resolve_path(value)
+            if not folder.is_dir():
+                raise ParameterError(f"Parameter {p.name}={value!r}: no folder at {folder} (relative paths start at the "
+                                     f"repository root, as papermill may run the notebook elsewhere). Meaning: {p.help}")
+            value = str(folder)
         resolved[p.name] = value
     return resolved
 

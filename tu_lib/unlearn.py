@@ -118,7 +118,7 @@ SPEC = Spec(NOTEBOOK, [
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
     Param("seed", (int,), 0, "seed of the batch schedule and initialisation", non_negative),
     Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
-    Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)"),
+    Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
     Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True),
     Param("out_dir", (str,), None, "where adapters, loss curves and run records go", profiled=True),
     Param("fig_dir", (str,), None, "folder for the loss-curve figure and its CSV", profiled=True),
