@@ -81,3 +81,17 @@ def test_ratio_curve_falls_with_text_and_rises_with_image_tokens():
     assert (curve > 1).all().all()
     assert (curve.diff().dropna() < 0).all().all()          # more text per row: images matter less
     assert (curve.T.diff().dropna() > 0).all().all()        # bigger images: dearer steps
+
+
+def test_summary_per_method_reads_gpu_memory_only_when_measured_on_a_gpu():
+    import pandas as pd
+
+    rows = [{"method": m, "seconds": s, "text_tokens": 10, "image_tokens": i, "padded_positions": 40, "gflop": 2.0,
+             "peak_rss_mb": r} for m, s, i, r in [("a", 1.0, 0, 100), ("a", 3.0, 0, 120), ("a", 2.0, 0, 110), ("b", 4.0, 576, 90)]]
+    cpu = C.summarise(pd.DataFrame(rows))
+    assert list(cpu["method"]) == ["a", "b"] and "peak_gpu_mb" not in cpu
+    a = cpu.iloc[0]
+    assert (a["steps_timed"], a["seconds_median"], a["seconds_min"], a["seconds_max"], a["peak_rss_mb"]) == (3, 2.0, 1.0, 3.0, 120)
+    assert a["achieved_gflops"] == pytest.approx(1.0)
+    gpu = C.summarise(pd.DataFrame([{**r, "peak_gpu_mb": g} for r, g in zip(rows, [500, 700, 600, 900])]))
+    assert list(gpu["peak_gpu_mb"]) == [700, 900]

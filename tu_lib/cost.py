@@ -208,8 +208,8 @@ def resolve_params(namespace: dict) -> tuple[dict, dict]:
 
 
 class _PeakRSS:
-    """Peak resident memory of the process while the block runs, sampled every 5 ms in a thread (CPU; on
-    a GPU, torch.cuda.max_memory_allocated is the number to read). Process-wide: it includes the model."""
+    """Peak resident memory of the process while the block runs, sampled every 5 ms in a thread (on a GPU,
+    measure_method also records torch.cuda.max_memory_allocated). Process-wide: it includes the model."""
 
     def __enter__(self):
         import psutil
@@ -259,18 +259,25 @@ def measure_method(vlm, data, P02: dict, method: str, *, steps: int, repeats: in
     torch.manual_seed(cfg.seed)
     model, params, reference = U.wrap_model(vlm, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    gpu = device.type == "cuda"  # kernels run asynchronously there: synchronise around the clock, read GPU memory
     out = []
     try:
         model.train()
         for step in tqdm(range(cfg.steps), desc=desc or method, disable=not progress_enabled()):
             rows = U.step_rows(vlm, m, data, plan[step], images)
             trained, ref = step_batches(vlm, rows)
+            if gpu:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
             with _PeakRSS() as mem:
                 t0 = time.perf_counter()
                 loss, _ = U.step_loss(model, reference, m, cfg, vlm, rows)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                if gpu:
+                    torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
             if step == 0:
                 continue  # warm-up: first-call allocations and kernel choices
@@ -279,7 +286,8 @@ def measure_method(vlm, data, P02: dict, method: str, *, steps: int, repeats: in
             out.append({"method": method, "repeat": (step - 1) // steps, "step": step, "seconds": seconds,
                         "text_tokens": trained.text_tokens, "image_tokens": trained.image_tokens, "images": trained.images,
                         "padded_positions": trained.rows * trained.width,
-                        "gflop": flops["total"] / 1e9, "peak_rss_mb": mem.peak_mb})
+                        "gflop": flops["total"] / 1e9, "peak_rss_mb": mem.peak_mb,
+                        **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20} if gpu else {})})
     finally:
         vlm.model = model.unload()
     return out
@@ -333,7 +341,8 @@ def count_one_step(vlm, data, P02: dict, method: str) -> dict:
 
 
 def summarise(measured: pd.DataFrame) -> pd.DataFrame:
-    """Per method: median seconds per step with min-max, tokens, GFLOP, peak memory, achieved GFLOP/s."""
+    """Per method: median seconds per step with min-max, tokens, GFLOP, peak memory (process RSS; on a GPU also
+    torch's peak allocation), achieved GFLOP/s."""
     g = measured.groupby("method", sort=False)
     out = pd.DataFrame({
         "steps_timed": g.size(),
@@ -342,6 +351,8 @@ def summarise(measured: pd.DataFrame) -> pd.DataFrame:
         "padded_positions": g["padded_positions"].median(), "gflop_per_step": g["gflop"].median(),
         "peak_rss_mb": g["peak_rss_mb"].max(),
     }).reset_index()
+    if "peak_gpu_mb" in measured:  # measured on a GPU
+        out["peak_gpu_mb"] = g["peak_gpu_mb"].max().to_numpy()
     out["achieved_gflops"] = out["gflop_per_step"] / out["seconds_median"]
     return out
 
