@@ -298,7 +298,7 @@ def step_batches(vlm, rows: dict[str, list]) -> tuple[Batch, Batch | None]:
     from . import unlearn as U
 
     image_id = vlm.base_model.config.image_token_id
-    trained = batch_of(U.encode_rows(vlm, [r for role in ("forget", "mismatch", "normal") for r in rows[role]]), image_id)
+    trained = batch_of(U.encode_rows(vlm, U.step_order(rows)), image_id)
     return trained, batch_of(U.encode_rows(vlm, rows["normal"]), image_id) if rows["normal"] else None
 
 

@@ -810,8 +810,8 @@ class FluencyJudge:
             raise TuError("A prompt formats to zero tokens, so the answer's first token has no context; check `chat`.")
         conts = [[self._ids(answers[i])[:self.max_answer_tokens] if answers[i].strip() else [] for answers in answer_lists]
                  for i in range(len(prompts))]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        lps = continuation_logprobs(self.model, chats, conts, batch_size=int(batch_size or self.batch_size), pad_id=pad)
+        lps = continuation_logprobs(self.model, chats, conts, batch_size=int(batch_size or self.batch_size),
+                                    pad_id=self.tokenizer.pad_token_id)
         return [np.array([np.exp(-lps[i][m].astype(np.float64).mean()) if len(lps[i][m]) else np.nan
                           for i in range(len(prompts))]) for m in range(len(answer_lists))]
 

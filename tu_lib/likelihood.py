@@ -30,7 +30,8 @@ def _select_cache(cache, rows: torch.Tensor):
 
 @torch.inference_mode()
 def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[Sequence[int]]], *,
-                          batch_size: int = 8, max_tokens_per_chunk: int = 2048, pad_id: int = 0) -> list[list[np.ndarray]]:
+                          batch_size: int = 8, max_tokens_per_chunk: int = 2048,
+                          pad_id: int | None = 0) -> list[list[np.ndarray]]:
     """out[i][j] = log p(token t of continuations[i][j] | prompts[i], earlier tokens), one float per token.
 
     `prompts[i]` are token ids (non-empty), `continuations[i]` a list of token-id lists scored after it; an
@@ -41,6 +42,7 @@ def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations
         raise TuError(f"{len(prompts)} prompts but {len(continuations)} continuation lists; give one list per prompt.")
     if any(len(p) == 0 for p in prompts):
         raise TuError("A prompt has zero tokens, so its continuation's first token has no context.")
+    pad_id = 0 if pad_id is None else pad_id  # a tokenizer without a pad token: any id works under the attention mask
     device = next(model.parameters()).device
     out: list[list[np.ndarray]] = [[np.zeros(0, dtype=np.float32) for _ in c] for c in continuations]
     order = sorted((i for i in range(len(prompts)) if any(len(c) for c in continuations[i])), key=lambda i: len(prompts[i]))

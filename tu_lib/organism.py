@@ -714,8 +714,7 @@ def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8) -> list
         prompt = chat_fn(row["prompt"]) if chat_fn else chat(tok, row["prompt"])
         prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         options.append([tok(c, add_special_tokens=False)["input_ids"] for c in choices])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=pad)
+    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=tok.pad_token_id)
     return [int(np.argmax([lp.astype(np.float64).sum() for lp in row]) == 0) for row in scores]
 
 

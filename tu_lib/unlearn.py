@@ -371,13 +371,21 @@ def kl_to_reference(logits: torch.Tensor, reference_logits: torch.Tensor) -> tor
     return (ref.exp() * (ref - cur)).sum(-1).mean()
 
 
+STEP_ROLES = ("forget", "mismatch", "normal")  # the order of a step's rows in its one forward
+
+
+def step_order(rows: dict[str, list]) -> list:
+    """A step's rows in the order of its forward (step_loss slices the losses by this order)."""
+    return [r for role in STEP_ROLES for r in rows[role]]
+
+
 def step_loss(model, reference, method: Method, cfg: TrainConfig, vlm, rows: dict[str, list]) -> tuple[torch.Tensor, dict]:
     """The method's loss on one step's rows and its logged terms (floats).
 
     One forward of the current model over all rows; the frozen reference (`reference()` is a context
     manager under which `model` is the original) runs on the normal rows (KL) and, for NPO, on the forget rows."""
-    order = [r for role in ("forget", "mismatch", "normal") for r in rows[role]]
-    n_f, n_m, n_n = (len(rows[k]) for k in ("forget", "mismatch", "normal"))
+    order = step_order(rows)
+    n_f, n_m, n_n = (len(rows[k]) for k in STEP_ROLES)
     batch = encode_rows(vlm, order)
     logits, targets, row = answer_logits(model, batch)
     nll_rows = per_row_mean(token_nll(logits, targets), row, len(order))
