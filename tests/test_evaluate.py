@@ -123,3 +123,27 @@ def test_reading_utility_on_a_llava_preset_needs_the_image_folder():
          "unlearn_dir": "y", "methods": ["base"]}
     with pytest.raises(TuError, match="llava_images_dir"):
         evaluate.check_inputs(P)  # before any model is loaded, instead of an empty set later
+
+
+def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
+    from tu_lib import evaluate, repgap
+    from tu_lib.core import sha256_file
+
+    sets, adapter = tmp_path / "d" / "sets", tmp_path / "u" / "textual_ga" / "adapter"
+    sets.mkdir(parents=True)
+    adapter.mkdir(parents=True)
+    for name in ("t1_advbench", "v3_prompts", "forget", "v1_figstep"):
+        write_jsonl(sets / f"{name}.jsonl", [{"prompt": name}])
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    P = {"sets": ["t1_advbench", "v3_adversarial", "utility_reading"], "data_dir": str(tmp_path / "d"),
+         "unlearn_dir": str(tmp_path / "u"), "methods": ["base", "textual_ga"], "preset": "organism"}
+    hashes = evaluate.input_hashes(P)
+    assert hashes == {str(p): sha256_file(p) for p in [sets / "t1_advbench.jsonl", sets / "v3_prompts.jsonl",
+                                                         adapter / "adapter_model.safetensors"]}
+    (adapter / "adapter_model.safetensors").write_bytes(b"other weights")  # a retrained adapter shows in the record
+    assert evaluate.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
+    # stage 05 reads its anchor prompts (forget), V1 and its sets, and the adapters of methods and combinations
+    P05 = {"sets": ["t1_advbench"], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"], "methods": ["textual_ga"],
+           "combine_methods": [], "preset": "organism", "llava_images_dir": ""}
+    assert {p.split("/")[-1] for p in evaluate.input_hashes(repgap._as_stage03(P05))} == {
+        "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors"}

@@ -187,6 +187,17 @@ _RECORDED_PACKAGES = ("torch", "transformers", "peft", "datasets", "accelerate",
                       "scikit-learn", "pillow", "papermill", "tu")
 
 
+def _device() -> str:
+    """Where the stage's torch work ran: the GPUs if any are visible, else the CPU."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    if torch.cuda.is_available():
+        return f"cuda x{torch.cuda.device_count()} ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def run_record(params: dict, inputs: dict[str, str], started: float, seeds: dict | None = None, **extra) -> dict:
     """What a reviewer needs to trust an output folder: parameters, commit, versions, device, seeds,
     input hashes and wall time."""
@@ -202,7 +213,7 @@ def run_record(params: dict, inputs: dict[str, str], started: float, seeds: dict
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
-        "device": "cpu",
+        "device": _device(),
         "seeds": seeds or {},
         "inputs_sha256": inputs,
         "wall_time_s": round(time.time() - started, 2),

@@ -108,22 +108,34 @@ def resolve_params(namespace: dict) -> dict:
 
 def check_inputs(P: dict) -> None:
     """Fail before loading a model: stage 01's files and each method's adapter must exist."""
-    from .params import resolve_path
-    from .unlearn import stage01_file
-
     from .models import HUB_IDS
 
     if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
         raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
                       "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
-    for name in P["sets"]:
-        f = STAGE01_FILE.get(name, name)
-        if f:
-            stage01_file(P["data_dir"], f)
+    input_files(P)
+
+
+def input_files(P: dict) -> list[Path]:
+    """The files this stage reads: stage 01's sets and each method's adapter (each must exist)."""
+    from .params import resolve_path
+    from .unlearn import stage01_file
+
+    files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in P["sets"]) if f]
     for m in P["methods"]:
-        if m != "base" and not (resolve_path(P["unlearn_dir"]) / m / "adapter" / "adapter_model.safetensors").is_file():
+        adapter = resolve_path(P["unlearn_dir"]) / m / "adapter" / "adapter_model.safetensors"
+        if m != "base" and not adapter.is_file():
             raise TuError(f"No adapter for method {m!r} in {P['unlearn_dir']}/{m}/adapter: run notebook 02 with "
                           f"`-p methods {m}` first, or drop it from methods.")
+        files += [adapter] if m != "base" else []
+    return files
+
+
+def input_hashes(P: dict) -> dict[str, str]:
+    """file -> sha256 of what the stage read, for its run record (which adapters produced these numbers)."""
+    from .core import sha256_file
+
+    return {str(p): sha256_file(p) for p in input_files(P)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,5 +421,5 @@ def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts
     results.to_csv(out / "results.csv", index=False, lineterminator="\n")
     pd.concat([df.assign(method=m) for m, df in judged.items()]).to_csv(out / "judgements.csv", index=False, lineterminator="\n")
     write_json(out / "facts.json", facts)
-    write_json(out / "run_record.json", run_record(P, {}, started, seeds={"v3": P["seed"], "bootstrap": P["seed"]},
+    write_json(out / "run_record.json", run_record(P, input_hashes(P), started, seeds={"v3": P["seed"], "bootstrap": P["seed"]},
                                                    judges=provenance))

@@ -373,12 +373,15 @@ def resolve_params(namespace: dict) -> dict:
 def check_inputs(P: dict) -> None:
     """Fail before loading a model: stage 01's sets and the adapters of the chosen methods must exist."""
     from .evaluate import check_inputs as check_stage03_inputs
-    from .unlearn import stage01_file
 
-    stage01_file(P["data_dir"], "forget")  # anchor prompts
-    check_stage03_inputs({"sets": ["v1_figstep", *P["sets"]], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
-                          "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
-                          "llava_images_dir": P["llava_images_dir"]})
+    check_stage03_inputs(_as_stage03(P))
+
+
+def _as_stage03(P: dict) -> dict:
+    """This stage's inputs in stage 03's terms: the anchor prompts (forget), the evaluated sets and the adapters."""
+    return {"sets": ["forget", "v1_figstep", *P["sets"]], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
+            "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
+            "llava_images_dir": P["llava_images_dir"]}
 
 
 def resolve_layers(vlm, P: dict) -> tuple[list[int], list[int]]:
@@ -717,6 +720,7 @@ def write_outputs(P: dict, out, tables: dict, judged: dict, plan: list[dict], it
     import pandas as pd
 
     from .core import run_record, write_json
+    from .evaluate import input_hashes
 
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
@@ -724,4 +728,5 @@ def write_outputs(P: dict, out, tables: dict, judged: dict, plan: list[dict], it
     frames = [judged[r["run"]].assign(run=r["run"], model=r["model"], variant=r["variant"], alpha=r["alpha"],
                                       instruction=[it["instruction"] for it in items]) for r in plan]
     pd.concat(frames, ignore_index=True).to_json(out / "judgements.jsonl", orient="records", lines=True, force_ascii=False)
-    write_json(out / "run_record.json", run_record(P, {}, started, seeds={"noise_images_and_probes": P["seed"]}))
+    write_json(out / "run_record.json", run_record(P, input_hashes(_as_stage03(P)), started,
+                                                   seeds={"noise_images_and_probes": P["seed"]}))
