@@ -783,7 +783,8 @@ def _spec():
     from .params import Param, Spec, non_negative, positive, size_value
 
     return Spec(NOTEBOOK, [
-        Param("profile", (str,), "default", "settings profile: smoke (small re-measurement) or default (the card's probes)"),
+        Param("profile", (str,), "default",
+              "settings profile: smoke (small re-measurement), default (the card's probes) or paper (every probe)"),
         Param("rebuild", (bool,), False, "rebuild the trained parts from the backbone (about 30-45 min on 2 cores)"),
         Param("parts_dir", (str,), "organism", "folder of the trained parts and card (relative to the repository root)"),
         Param("seed", (int,), 0, "seed of the rebuild (splits, initialisation, batches)", non_negative),
