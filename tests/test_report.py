@@ -52,9 +52,10 @@ def test_html_report_of_executed_notebooks(tmp_path):
     shutil.copy(repo_root() / "figures" / "05_repgap_alpha.png", figs / "05_repgap_alpha.png")
     nb["metadata"]["papermill"]["parameters"]["fig_dir"] = str(figs)
     (nbs / "05_repgap.ipynb").write_text(json.dumps(nb))
+    (nbs / "00_organism.check.ipynb").write_text(json.dumps(nb))  # a variant run (make organism-check): not reported
     index = report.render_report(nbs, tmp_path / "report")
     page = index.read_text()
-    assert "05_repgap.html" in page and "representation gap" in page and "profile=&#x27;smoke&#x27;" in page
+    assert "05_repgap.html" in page and "representation gap" in page and "00_organism" not in page and "profile=&#x27;smoke&#x27;" in page
     assert (tmp_path / "report" / "05_repgap.html").stat().st_size > 10_000
     # the gallery shows this run's figures only (not the committed default run's others in figures/)
     assert sorted(p.name for p in (tmp_path / "report" / "figures").iterdir()) == ["05_repgap_alpha.png"]

@@ -124,7 +124,8 @@ def render_report(notebooks_dir: str | Path | None = None, out_dir: str | Path |
 
     notebooks_dir = Path(notebooks_dir) if notebooks_dir else repo_root() / "runs" / "notebooks"
     out_dir = Path(out_dir) if out_dir else repo_root() / "runs" / "report"
-    paths = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb") if ".smoke." not in p.name)
+    # the pipeline's notebooks as `make reproduce` names them; variants (x.smoke, x.check, x.rebuild) are other runs
+    paths = sorted(p for p in notebooks_dir.glob("[0-9][0-9]_*.ipynb") if "." not in p.stem)
     if not paths:
         raise TuError(f"No executed notebooks in {notebooks_dir}: run `make reproduce` first (it writes them there).")
     exporter = HTMLExporter()
