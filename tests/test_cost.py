@@ -69,8 +69,17 @@ def test_bad_parameters_stop_before_any_work(tmp_path):
         C.resolve_params({"profile": "smoke", "steps": 0})
     with pytest.raises(ParameterError, match="gpu_utilisation"):
         C.resolve_params({"profile": "smoke", "gpu_utilisation": 1.5})
+    with pytest.raises(ParameterError, match="Unknown model preset 'llava-2'"):
+        C.resolve_params({"profile": "smoke", "preset": "llava-2"})
+    with pytest.raises(ParameterError, match="model_dir"):
+        C.resolve_params({"profile": "paper", "model_dir": str(tmp_path / "missing")})
     P, P02 = C.resolve_params({"profile": "smoke"})
     assert P02["preset"] == "organism" and P["methods"] == ["textual_ga", "multimodal_ga"]
+    assert P02["out_dir"] == "runs/smoke/02_unlearn" and P02["model_dir"] == ""
+    # a 13B run from a local checkpoint, its stage 02 outputs elsewhere: the timed steps use that model and folder
+    _, P02 = C.resolve_params({"profile": "paper", "preset": "llava-1.5-13b", "model_dir": str(tmp_path),
+                               "unlearn_dir": "runs/paper13/02_unlearn"})
+    assert (P02["preset"], P02["model_dir"], P02["out_dir"]) == ("llava-1.5-13b", str(tmp_path), "runs/paper13/02_unlearn")
     with pytest.raises(TuError, match="run stage 02"):
         C.stage02_runs(tmp_path, ["textual_ga"])
 

@@ -175,6 +175,9 @@ SPEC = Spec(NOTEBOOK, [
     Param("profile", (str,), "default", "settings profile: smoke, default (organism, CPU) or paper; stage 02's settings "
           "are read from the same profile"),
     Param("methods", (list, str), None, "stage 02 methods to time (list or comma-separated)", profiled=True),
+    Param("preset", (str, type(None)), None, "model preset to time; None: stage 02's, from the same profile"),
+    Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
+    Param("unlearn_dir", (str, type(None)), None, "stage 02's output folder (its run records); None: the profile's"),
     Param("steps", (int,), None, "timed optimizer steps per repeat (after one untimed warm-up step)", positive, profiled=True),
     Param("repeats", (int,), None, "repeats of the timed steps (medians with min-max)", positive, profiled=True),
     Param("gpu_utilisation", (float,), 0.4, "fraction of a GPU's peak bf16 FLOP/s that training sustains (for GPU-hours)",
@@ -197,7 +200,10 @@ def resolve_params(namespace: dict) -> tuple[dict, dict]:
     problem = _methods_check(P["methods"])
     if problem:
         raise ParameterError(f"Parameter methods={P['methods']!r} {problem}.")
-    P02 = unlearn.resolve_params({"profile": P["profile"], "methods": P["methods"]})
+    # stage 02's settings of the same profile, with the model and folder this run names (a 13B run, a local checkpoint)
+    given = {"preset": P["preset"], "model_dir": P["model_dir"], "out_dir": P["unlearn_dir"]}
+    P02 = unlearn.resolve_params({"profile": P["profile"], "methods": P["methods"],
+                                  **{k: v for k, v in given.items() if v}})
     if not P02["lora"]:
         raise ParameterError("The cost model counts LoRA steps; stage 02's profile trains the full LLM (lora False).")
     return P, P02
