@@ -78,7 +78,8 @@ SPEC = Spec(NOTEBOOK, [
     Param("seed", (int,), 0, "seed of the V3 initialisation and the bootstrap", non_negative),
     Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
-    Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading/VQA utility)", folder=True),
+    Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading/VQA utility)",
+          folder=True),
     Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True),
     Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True),
     Param("out_dir", (str,), None, "where generations, judgements and tables go", profiled=True),
@@ -421,5 +422,6 @@ def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts
     results.to_csv(out / "results.csv", index=False, lineterminator="\n")
     pd.concat([df.assign(method=m) for m, df in judged.items()]).to_csv(out / "judgements.csv", index=False, lineterminator="\n")
     write_json(out / "facts.json", facts)
-    write_json(out / "run_record.json", run_record(P, input_hashes(P), started, seeds={"v3": P["seed"], "bootstrap": P["seed"]},
+    write_json(out / "run_record.json", run_record(P, input_hashes(P), started,
+                                                   seeds={"v3": P["seed"], "bootstrap": P["seed"]},
                                                    judges=provenance))
