@@ -104,3 +104,20 @@ def test_summary_per_method_reads_gpu_memory_only_when_measured_on_a_gpu():
     assert a["achieved_gflops"] == pytest.approx(1.0)
     gpu = C.summarise(pd.DataFrame([{**r, "peak_gpu_mb": g} for r, g in zip(rows, [500, 700, 600, 900])]))
     assert list(gpu["peak_gpu_mb"]) == [700, 900]
+
+
+def test_run_record_hashes_stage02_runs_and_stage03_results(tmp_path):
+    from tu_lib.core import sha256_file
+
+    for m in ("textual_ga", "multimodal_ga"):
+        (tmp_path / "u" / m).mkdir(parents=True)
+        (tmp_path / "u" / m / "summary.json").write_text("{}")
+        (tmp_path / "u" / m / "losses.csv").write_text(f"step\n{m}\n")
+    P = {"methods": ["textual_ga", "multimodal_ga"], "eval_dir": str(tmp_path / "e")}
+    P02 = {"out_dir": str(tmp_path / "u")}
+    assert len(C.input_hashes(P, P02)) == 4  # no stage 03 results yet: not listed
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "results.csv").write_text("method\n")
+    hashes = C.input_hashes(P, P02)
+    assert hashes[str(tmp_path / "e" / "results.csv")] == sha256_file(tmp_path / "e" / "results.csv")
+    assert hashes[str(tmp_path / "u" / "textual_ga" / "losses.csv")] != hashes[str(tmp_path / "u" / "multimodal_ga" / "losses.csv")]

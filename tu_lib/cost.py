@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParameterError, TuError, run_record, write_json
+from .core import ParameterError, TuError, run_record, sha256_file, write_json
 from .params import Param, Spec, fraction, positive
 
 __all__ = ["Shape", "Batch", "forward_flops", "backward_flops", "step_flops", "llava_shape", "SPEC", "resolve_params",
@@ -545,4 +545,16 @@ def write_outputs(P: dict, P02: dict, out: Path, tables: dict[str, pd.DataFrame 
     for name, table in tables.items():
         if table is not None:
             table.to_csv(out / f"{name}.csv", index=False, lineterminator="\n")
-    write_json(out / "run_record.json", run_record({**P, "stage02": P02}, {}, started, seeds={"schedule": P02["seed"]}))
+    write_json(out / "run_record.json", run_record({**P, "stage02": P02}, input_hashes(P, P02), started,
+                                                   seeds={"schedule": P02["seed"]}))
+
+
+def input_hashes(P: dict, P02: dict) -> dict[str, str]:
+    """file -> sha256 of the earlier stages' outputs this stage read: stage 02's run summaries and loss curves of the
+    timed methods, and stage 03's results when present."""
+    from .params import resolve_path
+
+    unlearn_dir = resolve_path(P02["out_dir"])
+    files = [unlearn_dir / m / name for m in P["methods"] for name in ("summary.json", "losses.csv")]
+    files += [p for p in [resolve_path(P["eval_dir"]) / "results.csv"] if p.is_file()]
+    return {str(p): sha256_file(p) for p in files}
