@@ -176,3 +176,18 @@ def test_sweep_plan_and_alpha_table_lines():
     # the uncorrected base run starts both base lines; each method's line goes from alone (0) to combined
     assert lines == {"base + CMRM (dataset)": {0.0: 0.0, 0.5: 0.1, 1.0: 0.2}, "base + CMRM (sample)": {0.0: 0.0, 1.0: 0.3},
                      "textual_ga (+ CMRM)": {0.0: 0.4, 1.0: 0.5}}
+
+
+def test_pca_coordinates_are_exact_and_rerun_identically():
+    # more than 500 features: sklearn's "auto" solver would be randomized (unseeded) and reruns would differ
+    rng = np.random.default_rng(0)
+    groups = ["harmful"] * 8 + ["benign"] * 8
+    states = {m: {c: rng.normal(size=(16, 2, 640)).astype(np.float32) + k for k, c in enumerate(["text", "typo", "blank"])}
+              for m in ["base", "textual_ga"]}
+    first = R.pca_rows(states, groups, layers=[3, 7], show_layers=[7], show_models=["base", "textual_ga"])
+    assert first.equals(R.pca_rows(states, groups, layers=[3, 7], show_layers=[7], show_models=["base", "textual_ga"]))
+    x = np.vstack([h[:, 1] for h in states["base"].values()]).astype(np.float64)
+    _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    expect = (states["textual_ga"]["typo"][:, 1] - x.mean(0)) @ vt[:2].T
+    got = first[(first["model"] == "textual_ga") & (first["condition"] == "typo")][["pc1", "pc2"]].to_numpy()
+    assert np.allclose(np.abs(got), np.abs(expect), atol=1e-3)  # the exact principal axes (up to sign)

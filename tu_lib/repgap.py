@@ -495,7 +495,9 @@ def pca_rows(states: dict, groups: list[str], layers: list[int], show_layers: Se
     rows = []
     for layer in show_layers:
         j = layers.index(layer)
-        pca = PCA(n_components=2).fit(np.vstack([h[:, j] for h in states[BASE].values()]))
+        # exact SVD: with more features than 500, sklearn's "auto" picks the randomized solver, unseeded, and the
+        # coordinates then differed between reruns (by ~1e-4)
+        pca = PCA(n_components=2, svd_solver="full").fit(np.vstack([h[:, j] for h in states[BASE].values()]))
         var = pca.explained_variance_ratio_
         for model in show_models:
             for cond, h in states[model].items():
