@@ -24,4 +24,4 @@ def test_smoke_copy_is_its_notebook_run_with_the_smoke_profile(copy):
     assert ["".join(c["source"]) for c in ours] == ["".join(c["source"]) for c in theirs], (
         f"{copy.name} is out of date with {notebook.name}: run `make notebooks`")
     assert 'profile = "smoke"' in injected_source(copy)
-    assert all(c.get("outputs") is not None for c in ours) and sum(bool(c.get("outputs")) for c in ours) >= 2
+    assert sum(bool(c.get("outputs")) for c in ours) >= 2  # executed, not a bare copy

@@ -30,7 +30,8 @@ def projected_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
     base = vlm.base_model
     cfg = base.config
     # pixels may live on the CPU (the optimised image); autograd carries the gradient across the device move
-    out = base.model.get_image_features(pixel_values=pixel_values.to(device=base.device, dtype=base.dtype), vision_feature_layer=cfg.vision_feature_layer,
+    out = base.model.get_image_features(pixel_values=pixel_values.to(device=base.device, dtype=base.dtype),
+                                        vision_feature_layer=cfg.vision_feature_layer,
                                         vision_feature_select_strategy=cfg.vision_feature_select_strategy)
     return torch.stack(list(out.pooler_output)).float()
 

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["SPEC", "resolve_params", "anchor_states", "solution_unlearning_loss", "solution_bootstrap_ci", "solution_cmrm_shift", "solution_cmrm_correct",
-           "check_unlearning_loss", "check_bootstrap_ci", "check_cmrm", "toy_unlearning_run"]
+__all__ = ["SPEC", "resolve_params", "anchor_states", "solution_unlearning_loss", "solution_bootstrap_ci",
+           "solution_cmrm_shift", "solution_cmrm_correct", "check_unlearning_loss", "check_bootstrap_ci", "check_cmrm", "toy_unlearning_run"]
 
 
 NOTEBOOK = "06_assignment"
@@ -40,10 +40,7 @@ def resolve_params(namespace: dict) -> dict:
     from . import params
     from .repgap import check_alphas
 
-    raw = params.user_variables(namespace)
-    if isinstance(raw.get("alpha"), int) and not isinstance(raw.get("alpha"), bool):
-        namespace = {**namespace, "alpha": float(raw["alpha"])}
-    P = params.resolve(SPEC, namespace)
+    P = params.resolve(SPEC, namespace)  # an int alpha (`-p alpha 1`) arrives as a float
     P["alpha"] = check_alphas([P["alpha"]])[0]
     return P
 

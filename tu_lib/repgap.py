@@ -361,13 +361,17 @@ def resolve_params(namespace: dict) -> dict:
         raise ParameterError("judges must include 'refusal_keywords' (the ASR every paper reports).")
     if P["preset"] not in models.PRESETS:
         raise ParameterError(f"Unknown model preset {P['preset']!r}; valid presets: {', '.join(models.PRESETS)}.")
-    P["layers"] = "all" if P["layers"] == "all" else _parsed_list("layers", P["layers"], int, "'all' or a list of layer indices, e.g. `-p layers 0,15,-1`")
-    P["cmrm_layers"] = _parsed_list("cmrm_layers", P["cmrm_layers"], int, "a list of layer indices, e.g. `-p cmrm_layers 15`")
+    if P["layers"] != "all":
+        P["layers"] = _parsed_list("layers", P["layers"], int, "'all' or a list of layer indices, e.g. `-p layers 0,15,-1`")
+    P["cmrm_layers"] = _parsed_list("cmrm_layers", P["cmrm_layers"], int,
+                                    "a list of layer indices, e.g. `-p cmrm_layers 15`")
     for key in ("layers", "cmrm_layers"):
         if P[key] != "all" and (not P[key] or any(isinstance(x, bool) or not isinstance(x, int) for x in P[key])):
             raise ParameterError(f"Parameter {key}={P[key]!r} must name decoder layers by integer index, e.g. [0, 15, -1].")
-    P["alphas"] = check_alphas(_parsed_list("alphas", P["alphas"], float, "a list of numbers, e.g. `-p alphas 0,0.5,1.0`"))
-    P["sample_alphas"] = check_alphas(_parsed_list("sample_alphas", P["sample_alphas"], float, "a list of numbers, e.g. `-p sample_alphas 1.0`")) if P["sample_alphas"] else []
+    numbers = "a list of numbers, e.g. `-p {} 0,0.5,1.0`"
+    P["alphas"] = check_alphas(_parsed_list("alphas", P["alphas"], float, numbers.format("alphas")))
+    P["sample_alphas"] = (check_alphas(_parsed_list("sample_alphas", P["sample_alphas"], float, numbers.format("sample_alphas")))
+                          if P["sample_alphas"] else [])
     P["combined_alpha"] = check_alphas([P["combined_alpha"]])[0]
     return P
 
