@@ -26,7 +26,10 @@ def test_reference_solutions_pass_every_check():
     assert "passed" in A.check_cmrm(A.solution_cmrm_shift, A.solution_cmrm_correct, *_states())
     run = A.toy_unlearning_run(A.solution_unlearning_loss, steps=30)
     assert run["forget_nll"].iloc[-1] > 2 * run["forget_nll"].iloc[0]
-    assert run["mismatch_nll"].iloc[-1] < run["mismatch_nll"].iloc[0] and run["kl"].max() < 2
+    assert run["mismatch_nll"].iloc[-1] < run["mismatch_nll"].iloc[0]
+    # the KL term is what keeps the normal positions close: without it the same run drifts ~3x further (0.55 vs 1.75)
+    no_kl = A.toy_unlearning_run(lambda f, m, lg, ref, *a: -0.5 * f + m, steps=30)
+    assert run["kl"].max() < 0.5 * no_kl["kl"].max()
 
 
 def _kl(cur, ref):
@@ -74,7 +77,7 @@ def test_wrong_bootstrap_intervals_fail_the_check(fn, hint):
 @pytest.mark.parametrize("shift,correct,hint", [
     (lambda w, t: (t - w).mean(0), A.solution_cmrm_correct, "sign"),
     (lambda w, t: (w - t).mean(1), A.solution_cmrm_correct, "shape"),
-    (A.solution_cmrm_shift, lambda h, v, a: np.asarray(h) + a * np.asarray(v), "alpha = 0|subtract"),
+    (A.solution_cmrm_shift, lambda h, v, a: np.asarray(h) + a * np.asarray(v), "subtract"),
     (A.solution_cmrm_shift, lambda h, v, a: np.asarray(h) - np.asarray(v), "alpha = 0"),
 ])
 def test_wrong_cmrm_fails_the_check(shift, correct, hint):
@@ -83,7 +86,8 @@ def test_wrong_cmrm_fails_the_check(shift, correct, hint):
 
 
 def test_bad_parameters_are_rejected():
-    for bad, match in (({"alpha": 5.0}, "alpha"), ({"solution": "yes"}, "solution"), ({"n_anchors": 3}, "n_anchor")):
+    for bad, match in (({"alpha": 5.0}, "alpha"), ({"solution": "yes"}, "solution"), ({"n_anchors": 3}, "did you mean 'n_anchor'"),
+                       ({"n_anchor": 0}, "n_anchor=0")):
         with pytest.raises(ParameterError, match=match):
             A.resolve_params(bad)
     assert A.resolve_params({"alpha": 1})["alpha"] == 1.0

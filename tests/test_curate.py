@@ -57,8 +57,11 @@ def test_smoke_sets_are_prefixes_of_default_sets(default, smoke):
 def test_splits_depend_on_the_seed_only_through_the_permutations(default):
     again = build("default")
     other = build("default", seed=1)
-    assert again.sets["t1_advbench"]["id"].tolist() == default.sets["t1_advbench"]["id"].tolist()
-    assert other.sets["t1_advbench"]["id"].tolist() != default.sets["t1_advbench"]["id"].tolist()
+    for name in curate.SET_NAMES:
+        assert again.sets[name].equals(default.sets[name]), f"{name} differs on a rebuild with the same seed"
+    changed = {n for n in curate.SET_NAMES if other.sets[n]["id"].tolist() != default.sets[n]["id"].tolist()}
+    # V1 is SafeBench-tiny first and then a fixed order; the LLaVA-Bench reading set is taken whole
+    assert set(curate.SET_NAMES) - changed == {"v1_figstep", "utility_llava_bench"}
 
 
 def test_v1_starts_with_safebench_tiny(default):
@@ -90,5 +93,7 @@ def test_asking_for_more_items_than_a_pool_holds_is_refused():
 def test_stratified_order_balances_every_prefix():
     df = curate.pd.DataFrame({"c": list("aaaabbbbcccc"), "x": range(12)})
     out = curate.stratified_order(df, "c", seed=0)
-    assert sorted(out["c"].head(3)) == ["a", "b", "c"]
+    for k in range(1, 13):
+        counts = out["c"].head(k).value_counts().reindex(list("abc"), fill_value=0)
+        assert counts.max() - counts.min() <= 1, (k, counts.to_dict())
     assert sorted(out["x"]) == list(range(12))

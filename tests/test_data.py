@@ -203,7 +203,8 @@ def test_harmbench_test_and_val_partition_all():
     check(bool(same), "test/val rows equal their rows in the all file (after removing stray \\r)")
     fc = full["FunctionalCategory"].value_counts().to_dict()
     check(fc == {"standard": 200, "contextual": 100, "copyright": 100}, f"functional categories {fc}")
-    check(int((full["ContextString"] != "").sum()) == 100, "exactly the 100 contextual rows have a ContextString")
+    check(bool(((full["ContextString"] != "") == (full["FunctionalCategory"] == "contextual")).all()),
+          "exactly the 100 contextual rows have a ContextString")
     check(full.loc["chevy_silverado_rolling_coal_guide", "Behavior"].endswith(" "), "upstream trailing space is kept")
 
 

@@ -114,13 +114,25 @@ def test_refusal_judge_on_neutral_text():
 
 
 def test_keyword_agreement_with_human_labels():
-    for name in ("gcg-29", "gcg-13"):
-        r = J.keyword_agreement(name)
-        assert r["n"] == 169 == r["tp"] + r["fp"] + r["fn"] + r["tn"]
-        assert math.isclose(r["accuracy"], (r["tp"] + r["tn"]) / r["n"])
-        assert math.isfinite(r["kappa"]) and r["kappa"] > 0
-        # Measured (see module report): gcg-29 accuracy 0.651, kappa 0.376; gcg-13 0.621, 0.333.
-        assert r["accuracy"] > 0.5
+    from tu_lib.data import load_refusal_examples
+
+    df = load_refusal_examples()
+    human = (df["human_score"] == 1).to_numpy()
+    reports = {}
+    for name, prefixes in (("gcg-29", J.GCG_PREFIXES_29), ("gcg-13", J.GCG_PREFIXES_13)):
+        r = reports[name] = J.keyword_agreement(name)
+        # recomputed here from the vendored labels with a plain substring rule (case-sensitive, as documented)
+        pred = np.array([any(p in t for p in prefixes) for t in df["assistant_response"]])
+        assert (r["tp"], r["fp"], r["fn"], r["tn"]) == (
+            (pred & human).sum(), (pred & ~human).sum(), (~pred & human).sum(), (~pred & ~human).sum())
+        p_h, p_p, acc = human.mean(), pred.mean(), (pred == human).mean()
+        chance = p_h * p_p + (1 - p_h) * (1 - p_p)
+        assert r["n"] == 169 and r["accuracy"] == pytest.approx(acc)
+        assert r["kappa"] == pytest.approx((acc - chance) / (1 - chance))
+    # the numbers the README and notebook 03 report (the 29 list contains the 13 list: it flags a superset)
+    assert (round(reports["gcg-29"]["accuracy"], 3), round(reports["gcg-29"]["kappa"], 3)) == (0.651, 0.376)
+    assert (round(reports["gcg-13"]["accuracy"], 3), round(reports["gcg-13"]["kappa"], 3)) == (0.621, 0.333)
+    assert reports["gcg-29"]["tp"] >= reports["gcg-13"]["tp"] and reports["gcg-29"]["fp"] >= reports["gcg-13"]["fp"]
 
 
 # ---------------------------------------------------------------------------------------------

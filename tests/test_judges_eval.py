@@ -69,12 +69,17 @@ def test_harmfulness_cross_validated_above_chance(harm):
     assert len(cv["fold_balanced_accuracy"]) == 5
     # Measured (seed 0, grouped 5-fold, 336 objective groups): balanced accuracy 0.728, AUC 0.798,
     # accuracy 0.729 (folds 0.67-0.78); fold seeds 1, 2: 0.747 / 0.752. For scale: "not a keyword
-    # refusal" as a harmfulness predictor on the same rows has balanced accuracy 0.652. Bar 0.6.
-    assert cv["balanced_accuracy"] > 0.6 and cv["auc"] > 0.6
+    # refusal" as a harmfulness predictor on the same rows has balanced accuracy 0.652. The bar is that baseline,
+    # computed here: a learned judge that does no better than the keyword rule would add nothing.
+    from sklearn.metrics import balanced_accuracy_score
+    _, answers, labels, _ = J._pyrit_objective_rows()
+    baseline = balanced_accuracy_score(labels, ~J.RefusalKeywordJudge().judge(answers))
+    assert 0.6 < baseline < 0.7
+    assert cv["balanced_accuracy"] > baseline and cv["auc"] > baseline
     assert harm.training["n"] == 395 and harm.training["n_positive"] == 191
-    # the same recipe, cross-validated again with another fold seed, stays above chance
+    # the same recipe, cross-validated again with another fold seed, also beats the keyword rule
     again = J.HarmfulnessJudge(encoder=harm.encoder).cross_validate(seed=1)
-    assert again["balanced_accuracy"] > 0.6
+    assert again["balanced_accuracy"] > baseline
 
 
 def test_group_folds_keep_objectives_apart():

@@ -25,3 +25,16 @@ def test_smoke_copy_is_its_notebook_run_with_the_smoke_profile(copy):
         f"{copy.name} is out of date with {notebook.name}: run `make notebooks`")
     assert 'profile = "smoke"' in injected_source(copy)
     assert sum(bool(c.get("outputs")) for c in ours) >= 2  # executed, not a bare copy
+
+
+COMMITTED = sorted((repo_root() / "notebooks").glob("*.ipynb")) + COPIES + sorted(
+    (repo_root() / "tests" / "nbval").glob("*.solution.ipynb"))
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_outputs_carry_no_stderr(path):
+    # What a reader sees must be the notebook's own output: library warnings, progress bars and this machine's
+    # paths on stderr are noise (and differ between machines). `make notebooks` executes with TU_PROGRESS=0.
+    noise = [(i, "".join(o.get("text", ""))[:80]) for i, c in enumerate(code_cells(path))
+             for o in c.get("outputs", []) if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+    assert not noise, f"{path.name} has stderr outputs (code cell, start): {noise[:3]}; re-execute it with `make notebooks`"

@@ -50,12 +50,13 @@ def test_notebook_machinery_is_not_mistaken_for_parameters():
     import math
 
     ns = base(In=[], Out={}, get_ipython=lambda: None, math=math, _hidden=1, curate=curate)
-    params.resolve(curate.SPEC, ns)
+    assert params.resolve(curate.SPEC, ns) == params.resolve(curate.SPEC, base())  # no error, nothing picked up
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.notebook)
 @pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
 def test_every_profile_file_resolves(spec, profile):
+    # the check is that this does not raise: resolve stops on an unknown, mistyped, bad or missing profile value
     P = params.resolve(spec, {"profile": profile})
     assert P["profile"] == profile
 

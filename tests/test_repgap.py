@@ -76,7 +76,14 @@ def test_gap_metrics_tell_separated_from_identical_groups():
     apart = R.gap_metrics(a, b + 4.0)
     assert apart["probe_accuracy"] > 0.95 and same["probe_accuracy"] < 0.75
     assert apart["normalised_distance"] > 3 > same["normalised_distance"]
-    assert R.direction_cosine(a + 1, a, b + 1, b) > 0.99
+    # centroid distance over the within-group spread: a scale-free number, computed independently here
+    spread = np.sqrt((((a - a.mean(0)) ** 2).sum(1).mean() + ((b - b.mean(0)) ** 2).sum(1).mean()) / 2)
+    assert apart["normalised_distance"] == pytest.approx(np.linalg.norm(a.mean(0) - b.mean(0) - 4) / spread)
+    assert R.gap_metrics(10 * a, 10 * (b + 4))["normalised_distance"] == pytest.approx(apart["normalised_distance"])
+    e0, e1 = np.eye(8)[0], np.eye(8)[1]
+    assert R.direction_cosine(a + e0, a, b + e0, b) == pytest.approx(1)
+    assert abs(R.direction_cosine(a + e0, a, b + e1, b)) < 1e-9      # orthogonal directions
+    assert R.direction_cosine(a - e0, a, b + e0, b) == pytest.approx(-1)
     with pytest.raises(ParameterError, match="one width"):
         R.gap_metrics(a, b[:, :4])
 
@@ -110,7 +117,10 @@ def test_matched_inputs_and_gap_table(micro):
     states = {c: R.hidden_states(micro, texts, images, [0, 1]) for c, (texts, images) in inputs.items()}
     table = R.gap_table(states, [0, 1])
     assert len(table) == 3 * 2 and set(table["condition"]) == {"typographic", "blank_image", "noise_image"}
-    assert (table["normalised_distance"] > 0).all()
+    for _, row in table.iterrows():   # each row is gap_metrics of that condition vs text, at that layer
+        j = [0, 1].index(row["layer"])
+        ref = R.gap_metrics(states[row["condition"]][:, j], states["text"][:, j])
+        assert row["normalised_distance"] == pytest.approx(ref["normalised_distance"])
 
 
 def test_sample_level_cmrm_in_batches_equals_one_item_at_a_time(micro):

@@ -223,7 +223,12 @@ def test_run_identity_includes_the_model():
                          mismatch_answers=["b"])
     cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
     assert cfg.key(data, "llava-1.5-7b") != cfg.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
-    assert cfg.key(data, "organism") == cfg.key(data, "organism")
+    assert cfg.key(data, "organism") == cfg.key(unlearn.UnlearnData(**vars(data)), "organism")  # equal inputs, one key
+    other_data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "c"}], normal=data.normal, mismatch_answers=["b"])
+    assert cfg.key(other_data, "organism") != cfg.key(data, "organism")
+    assert unlearn.TrainConfig(method="textual_ga", steps=2, lr=2e-3, batch_size=1).key(data, "organism") != cfg.key(data, "organism")
+    other_pool = unlearn.UnlearnData(forget=data.forget, normal=data.normal, mismatch_answers=["b", "d"])
+    assert cfg.key(other_pool, "organism") != cfg.key(data, "organism")
 
 
 def test_more_processes_than_rows_per_step_is_refused_before_training(monkeypatch, tmp_path):

@@ -277,8 +277,8 @@ class TrainConfig:
     def key(self, data: UnlearnData, model: str) -> str:
         """Identity of a run: the model preset, every setting and the data. A checkpoint resumes, and a finished
         run is reused, only under the same key (so a 13B run never picks up a 7B adapter from the same folder)."""
-        blob = json.dumps({"model": model, "config": asdict(self), "forget": data.forget, "normal": data.normal},
-                          sort_keys=True, default=list)
+        blob = json.dumps({"model": model, "config": asdict(self), "forget": data.forget, "normal": data.normal,
+                           "mismatch": data.mismatch_answers}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
