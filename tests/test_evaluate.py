@@ -174,3 +174,18 @@ def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
            "combine_methods": [], "preset": "organism", "llava_images_dir": ""}
     assert {p.split("/")[-1] for p in evaluate.input_hashes(repgap._as_stage03(P05))} == {
         "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors"}
+
+
+def test_generations_are_kept_per_weights(tmp_path):
+    """A retrained adapter or rebuilt model must not be answered from the old model's saved generations."""
+    vlm = models.load_vlm("micro")
+    P = {"max_new_tokens": 4, "batch_size": 2, "unlearn_dir": str(tmp_path / "u")}
+    items = [{"key": f"k{i}", "text": vlm.chat(p, False), "image": None} for i, p in enumerate(["Hi", "Name a colour."])]
+    first = evaluate.generate_method(vlm, P, "base", items, tmp_path)
+    files = sorted((tmp_path / "generations" / "micro").glob("base-*.jsonl"))
+    assert len(files) == 1
+    assert evaluate.generate_method(vlm, P, "base", items, tmp_path) == first  # same weights: resumed, one file
+    with torch.no_grad():
+        next(iter(vlm.model.parameters())).view(-1)[0] += 1.0
+    evaluate.generate_method(vlm, P, "base", items, tmp_path)
+    assert len(list((tmp_path / "generations" / "micro").glob("base-*.jsonl"))) == 2  # new weights: generated afresh

@@ -279,6 +279,33 @@ def test_generate_jsonl_resumes_after_a_torn_write(micro, counted, tmp_path):
         G.generate_jsonl(micro.model, micro.processor, items, path, max_new_tokens=7, batch_size=2)
 
 
+def test_generate_jsonl_refuses_answers_of_other_weights(micro, counted, tmp_path):
+    items, path = _items(micro)[:2], tmp_path / "gen.jsonl"
+    G.generate_jsonl(micro.model, micro.processor, items, path, max_new_tokens=4, model_id="weights-1")
+    assert {json.loads(line)["model_id"] for line in path.read_text().splitlines()} == {"weights-1"}
+    counted["rows"] = 0
+    G.generate_jsonl(micro.model, micro.processor, items, path, max_new_tokens=4, model_id="weights-1")
+    assert counted["rows"] == 0
+    with pytest.raises(TuError, match="other model weights"):
+        G.generate_jsonl(micro.model, micro.processor, items, path, max_new_tokens=4, model_id="weights-2")
+
+
+def test_weights_fingerprint_follows_the_weights_and_adapters(micro, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = G.weights_fingerprint(micro.model)
+    assert base == G.weights_fingerprint(micro.model)
+    assert base != G.weights_fingerprint(M.load_vlm("micro", seed=1).model)
+    other = M.load_vlm("micro")
+    assert G.weights_fingerprint(other.model) == base
+    with torch.no_grad():
+        next(p for n, p in other.model.named_parameters() if "layers.1." in n).view(-1)[-1] += 1e-3  # one value, deep inside
+    assert G.weights_fingerprint(other.model) != base
+    lora = get_peft_model(M.load_vlm("micro").model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    assert G.weights_fingerprint(lora) != base
+    assert G.weights_fingerprint(lora.unload()) == base  # unmerged adapter removed: the base weights again
+
+
 def test_generate_jsonl_interruption_loses_at_most_one_batch(micro, counted, tmp_path):
     items, path = _items(micro), tmp_path / "gen.jsonl"
     counted["fail_on"] = 2

@@ -1,7 +1,7 @@
 """Stage 03 — the six-dataset evaluation: ASR with CIs under two offline judges, over-refusal, utility.
 
 For every model (the base preset and each method's adapter from stage 02) the same items are generated
-greedily in batches, appended to runs/03_eval/generations/<method>.jsonl (a rerun skips what is there),
+greedily in batches, appended to runs/03_eval/generations/<preset>/<method>-<weights>.jsonl (a rerun skips what is there),
 then judged:
 
 * `refusal_keywords` — the GCG refusal-prefix list: ASR = no refusal (the literature's number);
@@ -209,20 +209,22 @@ def reading_rows(vlm, P: dict) -> list[dict]:
 
 
 def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path) -> list[str]:
-    """Answers of one model to every item (resumable JSONL under out/generations/<preset>/)."""
-    from .generate import generate_jsonl
+    """Answers of one model to every item, resumable, in out/generations/<preset>/<method>-<weights>.jsonl: the
+    file is named by the weights' fingerprint, so a retrained adapter or rebuilt organism never reuses old answers."""
+    import contextlib
+
+    from .generate import generate_jsonl, weights_fingerprint
     from .params import resolve_path
     from .unlearn import adapter_applied
 
-    path = out / "generations" / vlm.preset / f"{method}.jsonl"  # per model: a 13B run never reuses 7B answers
-    path.parent.mkdir(parents=True, exist_ok=True)
     rows = [{"key": it["key"], "text": it["text"], "image": it["image"]} for it in items]
-    if method == "base":
+    ctx = contextlib.nullcontext() if method == "base" else adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method)
+    with ctx:
+        weights = weights_fingerprint(vlm.model)
+        path = out / "generations" / vlm.preset / f"{method}-{weights}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
         return generate_jsonl(vlm.model, vlm.processor, rows, path, max_new_tokens=P["max_new_tokens"],
-                              batch_size=P["batch_size"], desc=method)
-    with adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method):
-        return generate_jsonl(vlm.model, vlm.processor, rows, path, max_new_tokens=P["max_new_tokens"],
-                              batch_size=P["batch_size"], desc=method)
+                              batch_size=P["batch_size"], desc=method, model_id=weights)
 
 
 def fluency_reference(vlm):

@@ -18,7 +18,7 @@ from tqdm.std import tqdm  # plain bars: tqdm.auto warns about ipywidgets on std
 
 from .core import TuError
 
-__all__ = ["generate", "generate_per_sample", "generate_jsonl", "progress_enabled"]
+__all__ = ["generate", "generate_per_sample", "generate_jsonl", "progress_enabled", "weights_fingerprint"]
 
 
 def progress_enabled() -> bool:
@@ -107,6 +107,20 @@ def _input_hash(text: str, image) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """A short identity of a model's current weights (adapters included): per parameter its name, shape, dtype,
+    sum, norm and first values. Cheap enough for a 7B model on a GPU; used to keep resumable answers apart
+    per model, so answers of an old adapter or organism are never served for new weights."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = t.detach().reshape(-1)
+        head = flat[:8].float().cpu().tolist()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|{float(flat.float().sum()):.9e}|"
+                 f"{float(torch.linalg.vector_norm(flat.float())):.9e}|{head}".encode())
+    return h.hexdigest()[:16]
+
+
 def _read_done(path: Path) -> dict:
     """Rows already in `path`, by key. A torn last line (a write cut short by an interruption) is
     dropped with a warning and cut from the file, so appending continues from a clean line end; a bad
@@ -159,15 +173,16 @@ def _check_items(items: Sequence[dict]) -> None:
 
 
 def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathLike, *, max_new_tokens: int = 48,
-                   batch_size: int = 16, desc: str = "generate") -> list[str]:
+                   batch_size: int = 16, desc: str = "generate", model_id: str | None = None) -> list[str]:
     """`generate`, resumable: answers are appended to the JSONL file at `path`, one row per item
-    ({"key", "answer", "input_sha256", "max_new_tokens"}), flushed to disk after every batch.
+    ({"key", "answer", "input_sha256", "max_new_tokens", "model_id"}), flushed to disk after every batch.
 
     `items` are dicts with a unique "key", the formatted input "text" and an optional PIL "image".
     Items whose key is already in the file are not generated again, so an interrupted run loses at
-    most the batch in flight; a row whose input hash or max_new_tokens differs from the item is an
-    error (stale answers must not be mixed with new ones: use a new path). Rows for keys not in
-    `items` are left alone. Returns the answers in item order."""
+    most the batch in flight; a row whose input hash, max_new_tokens or model_id (e.g.
+    `weights_fingerprint(model)`) differs from this run is an error (stale answers must not be mixed
+    with new ones: use a new path). Rows for keys not in `items` are left alone. Returns the answers
+    in item order."""
     _check_items(items)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,6 +198,10 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
         if row.get("input_sha256") != hashes[i] or row.get("max_new_tokens") != max_new_tokens:
             raise TuError(f"{path} already holds key {item['key']!r} for a different input or max_new_tokens; "
                           "its answer would not match this run. Use a new path (or delete the file) to regenerate.")
+        if row.get("model_id") != model_id:
+            raise TuError(f"{path} already holds key {item['key']!r} from other model weights ({row.get('model_id')!r}, "
+                          f"this run {model_id!r}); its answer would not match this run. Use a new path (or delete the "
+                          "file) to regenerate.")
         out[i] = row["answer"]
     todo = [i for i in range(len(items)) if out[i] is None]
     if not todo:
@@ -191,7 +210,7 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
     with open(path, "a", encoding="utf-8") as f:
         def append(batch, answers):
             f.write("".join(json.dumps({"key": items[i]["key"], "answer": a, "input_sha256": hashes[i],
-                                        "max_new_tokens": max_new_tokens}, ensure_ascii=False) + "\n"
+                                        "max_new_tokens": max_new_tokens, "model_id": model_id}, ensure_ascii=False) + "\n"
                             for i, a in zip(batch, answers)))
             f.flush()
             os.fsync(f.fileno())
