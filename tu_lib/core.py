@@ -157,22 +157,58 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a scratch path next to `final`; on success it replaces `final`, on error it is removed. Later
+    stages trust a file because it exists, so an interrupted write must never leave a truncated one."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield scratch
+        os.replace(scratch, final)
+    finally:
+        if scratch.exists():
+            scratch.unlink()
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
             n += 1
     return n
 
 
+def write_csv(table, path: str | os.PathLike) -> None:
+    """A pandas table as CSV, written atomically, with the same line ends on every platform."""
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file; a line that is not a JSON object stops with the file, the line and what to do."""
+    rows = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TuError(f"{path} line {n} is not valid JSON ({e.msg}): the file is damaged. Re-run the stage "
+                              "that wrote it (a cache file can simply be deleted).") from e
+            if not isinstance(row, dict):
+                raise TuError(f"{path} line {n} is not a JSON object: the file is damaged or not ours. Re-run the "
+                              "stage that wrote it (a cache file can simply be deleted).")
+            rows.append(row)
+    return rows
 
 
 def git_commit() -> str | None:

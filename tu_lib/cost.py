@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParameterError, TuError, run_record, sha256_file, write_json
+from .core import ParameterError, TuError, run_record, sha256_file, write_csv, write_json
 from .params import Param, Spec, fraction, positive
 
 __all__ = ["Shape", "Batch", "forward_flops", "backward_flops", "step_flops", "llava_shape", "SPEC", "resolve_params",
@@ -544,7 +544,7 @@ def write_outputs(P: dict, P02: dict, out: Path, tables: dict[str, pd.DataFrame 
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
         if table is not None:
-            table.to_csv(out / f"{name}.csv", index=False, lineterminator="\n")
+            write_csv(table, out / f"{name}.csv")
     write_json(out / "run_record.json", run_record({**P, "stage02": P02}, input_hashes(P, P02), started,
                                                    seeds={"schedule": P02["seed"]}))
 

@@ -38,7 +38,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from . import data as D
 from . import plots, render
 from .core import (TuError, atomic_dir, data_dir, normalise_prompt, read_checksums, run_record,
-                   sha256_file, verify_all, write_json, write_jsonl)
+                   sha256_file, verify_all, write_csv, write_json, write_jsonl)
 from .params import Param, Spec, fraction, one_of, positive, resolve_path, size_value
 
 NOTEBOOK = "01_data"
@@ -380,8 +380,8 @@ def write_outputs(cur: Curation, started: float) -> dict:
                                for r in cur.sets[name].to_dict("records")))
             files[name] = sha256_file(path)
         summary = summary_table(cur)
-        summary.to_csv(out / "summary.csv", index=False, lineterminator="\n")
-        pd.DataFrame(cur.dropped).to_csv(out / "dropped.csv", index=False, lineterminator="\n")
+        write_csv(summary, out / "summary.csv")
+        write_csv(pd.DataFrame(cur.dropped), out / "dropped.csv")
         overlaps = overlap_table(cur.sets)
         manifest = {
             "stage": NOTEBOOK, "seed": P["seed"], "profile": P["profile"],

@@ -19,14 +19,15 @@ images, answered on topic).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .core import ParameterError, TuError, read_jsonl, run_record, write_json
-from .params import Param, Spec, non_negative, positive, size_value
+from .core import ParameterError, TuError, read_jsonl, run_record, write_csv, write_json
+from .params import Param, Spec, non_negative, positive, positive_size
 
 NOTEBOOK = "03_eval"
 
@@ -69,7 +70,7 @@ SPEC = Spec(NOTEBOOK, [
     Param("methods", (list, str), None, "models to evaluate: 'base' and/or stage 02's methods (list or comma-separated)",
           profiled=True),
     Param("sets", (list, str), None, f"sets to evaluate, from {list(EVAL_SETS)}", profiled=True),
-    Param("n_per_set", (int, str), None, "items per set (int or 'all')", size_value, profiled=True),
+    Param("n_per_set", (int, str), None, "items per set (int or 'all')", positive_size, profiled=True),
     Param("judges", (list, str), None, "judges: refusal_keywords, harmfulness, on_topic, fluency, llama_guard", profiled=True),
     Param("batch_size", (int,), None, "prompts per generation batch", positive, profiled=True),
     Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
@@ -108,13 +109,18 @@ def resolve_params(namespace: dict) -> dict:
 
 
 def check_inputs(P: dict) -> None:
-    """Fail before loading a model: stage 01's files and each method's adapter must exist."""
+    """Fail before loading a model: stage 01's files and each method's adapter must exist, and the judges'
+    encoder must be installed."""
     from .models import HUB_IDS
 
     if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
         raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
                       "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
     input_files(P)
+    if {"harmfulness", "on_topic"} & set(P.get("judges") or []):
+        from .judges import _minilm_dir
+
+        _minilm_dir()  # the sentence encoder these judges need is a pip package: say so now, not after generation
 
 
 def input_files(P: dict) -> list[Path]:
@@ -124,11 +130,23 @@ def input_files(P: dict) -> list[Path]:
 
     files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in P["sets"]) if f]
     for m in P["methods"]:
-        adapter = resolve_path(P["unlearn_dir"]) / m / "adapter" / "adapter_model.safetensors"
-        if m != "base" and not adapter.is_file():
-            raise TuError(f"No adapter for method {m!r} in {P['unlearn_dir']}/{m}/adapter: run notebook 02 with "
-                          f"`-p methods {m}` first, or drop it from methods.")
-        files += [adapter] if m != "base" else []
+        if m == "base":
+            continue
+        run = resolve_path(P["unlearn_dir"]) / m
+        adapter = [run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"]
+        if (run / "llm.safetensors").is_file() and not adapter[0].is_file():
+            raise TuError(f"{P['unlearn_dir']}/{m} holds a full fine-tune (stage 02 with `-p lora False`); stages 03 "
+                          "and 05 evaluate LoRA adapters only: rerun notebook 02 with `-p lora True`.")
+        missing = [f.name for f in adapter if not f.is_file()]
+        if missing:
+            raise TuError(f"No complete adapter for method {m!r} in {P['unlearn_dir']}/{m}/adapter (missing "
+                          f"{', '.join(missing)}): run notebook 02 with `-p methods {m}` first, or drop it from methods.")
+        summary = run / "summary.json"
+        trained_on = json.loads(summary.read_text()).get("preset") if summary.is_file() else None
+        if trained_on and P.get("preset") and trained_on != P["preset"]:
+            raise TuError(f"The {m!r} adapter in {P['unlearn_dir']} was trained on preset {trained_on!r}, not "
+                          f"{P['preset']!r}: pass the matching preset or the unlearn_dir of a {P['preset']} run.")
+        files += adapter
     return files
 
 
@@ -421,8 +439,8 @@ def reference_numbers() -> pd.DataFrame:
 
 def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts: dict, started: float, provenance: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    results.to_csv(out / "results.csv", index=False, lineterminator="\n")
-    pd.concat([df.assign(method=m) for m, df in judged.items()]).to_csv(out / "judgements.csv", index=False, lineterminator="\n")
+    write_csv(results, out / "results.csv")
+    write_csv(pd.concat([df.assign(method=m) for m, df in judged.items()]), out / "judgements.csv")
     write_json(out / "facts.json", facts)
     write_json(out / "run_record.json", run_record(P, input_hashes(P), started,
                                                    seeds={"v3": P["seed"], "bootstrap": P["seed"]},

@@ -709,7 +709,7 @@ def _pyrit_objective_features(encoder: SentenceEncoder) -> tuple[np.ndarray, np.
     path = runs_dir() / "cache" / f"harmfulness_features-{key}.npy"
     try:
         X = np.load(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):  # missing, damaged or empty (a crash before the data reached the disk)
         X = None
     if X is None or X.shape != (len(ans), 2 * encoder.dim + 1):
         X = HarmfulnessJudge(encoder=encoder).features(inst, ans)

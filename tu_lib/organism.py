@@ -646,7 +646,8 @@ def _cfg_dict(cfg: BuildConfig) -> dict:
 
 def parts_complete(parts: Path) -> bool:
     need = ["alignment_adapter/adapter_model.safetensors", "alignment_adapter/adapter_config.json", "vocab.json",
-            "stage2_adapter/adapter_model.safetensors", "stage2_adapter/adapter_config.json", "vision.safetensors"]
+            "stage2_adapter/adapter_model.safetensors", "stage2_adapter/adapter_config.json", "vision.safetensors",
+            "build.json", "calibration_pairs.json"]
     return all((parts / n).is_file() for n in need)
 
 
@@ -682,9 +683,13 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
         dtype = models.default_dtype()
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    model, processor, tok = load_organism_model(parts, dtype)
     card_path = Path(parts or PARTS_DIR) / "card.json"
-    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    try:  # the card carries the calibrated on-topic judge: without it later stages would judge differently, silently
+        card = json.loads(card_path.read_text())
+    except (OSError, ValueError) as e:
+        raise TuError(f"The organism's card {card_path} is missing or damaged ({e.__class__.__name__}): restore it "
+                      "(git checkout -- organism/card.json) or run notebook 00, which writes it.") from e
+    model, processor, tok = load_organism_model(parts, dtype)
     return models.VLM(preset="organism", family="chatml", model=model.to(device), processor=processor, dtype=dtype,
                       typography=GlyphRenderer(tok).typeset, card=card)
 
@@ -780,7 +785,7 @@ def bar_table(props: dict) -> list[dict]:
 
 
 def _spec():
-    from .params import Param, Spec, non_negative, positive, size_value
+    from .params import Param, Spec, non_negative, positive, positive_size
 
     return Spec(NOTEBOOK, [
         Param("profile", (str,), "default",
@@ -788,9 +793,9 @@ def _spec():
         Param("rebuild", (bool,), False, "rebuild the trained parts from the backbone (about 30-45 min on 2 cores)"),
         Param("parts_dir", (str,), "organism", "folder of the trained parts and card (relative to the repository root)"),
         Param("seed", (int,), 0, "seed of the rebuild (splits, initialisation, batches)", non_negative),
-        Param("n_probe", (int, str), None, "items per probe set (int or 'all'); None: the profile's value", size_value,
+        Param("n_probe", (int, str), None, "items per probe set (int or 'all'); None: the profile's value", positive_size,
               profiled=True),
-        Param("n_mc1", (int, str), None, "TruthfulQA MC1 questions (int or 'all'); None: the profile's value", size_value,
+        Param("n_mc1", (int, str), None, "TruthfulQA MC1 questions (int or 'all'); None: the profile's value", positive_size,
               profiled=True),
         Param("max_new_tokens", (int,), 48, "greedy tokens generated per probe", positive),
         Param("fig_dir", (str,), None, "folder for the properties figure and its CSV; None: the profile's", profiled=True),

@@ -63,6 +63,13 @@ def size_value(v):
     return None if v >= 0 else "must be a non-negative integer or 'all'"
 
 
+def positive_size(v):
+    """A sample size that must not be empty: a positive int, or the string 'all'."""
+    if isinstance(v, str):
+        return None if v == "all" else "must be a positive integer or 'all'"
+    return None if v > 0 else "must be a positive integer or 'all'"
+
+
 def fraction(v):
     return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from .core import atomic_path, write_csv  # noqa: E402
+
 
 def theme() -> None:
     sns.set_theme(style="whitegrid", context="notebook", font="DejaVu Sans")
@@ -21,8 +23,9 @@ def save_figure(fig, data: pd.DataFrame, stem: str, fig_dir: str | Path) -> dict
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     png, csv = fig_dir / f"{stem}.png", fig_dir / f"{stem}.csv"
-    data.to_csv(csv, index=False, lineterminator="\n")
-    fig.savefig(png, dpi=110, bbox_inches="tight", metadata={"Software": None})
+    write_csv(data, csv)
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return {"png": png, "csv": csv}
 

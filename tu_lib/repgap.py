@@ -387,7 +387,7 @@ def _as_stage03(P: dict) -> dict:
     """This stage's inputs in stage 03's terms: the anchor prompts (forget), the evaluated sets and the adapters."""
     return {"sets": ["forget", "v1_figstep", *P["sets"]], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
             "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
-            "llava_images_dir": P["llava_images_dir"]}
+            "llava_images_dir": P["llava_images_dir"], "judges": P["judges"]}
 
 
 def resolve_layers(vlm, P: dict) -> tuple[list[int], list[int]]:
@@ -727,14 +727,15 @@ def write_outputs(P: dict, out, tables: dict, judged: dict, plan: list[dict], it
     the run record."""
     import pandas as pd
 
-    from .core import run_record, write_json
+    from .core import atomic_path, run_record, write_csv, write_json
     from .evaluate import input_hashes
 
     out.mkdir(parents=True, exist_ok=True)
     for name, table in tables.items():
-        table.to_csv(out / f"{name}.csv", index=False, lineterminator="\n")
+        write_csv(table, out / f"{name}.csv")
     frames = [judged[r["run"]].assign(run=r["run"], model=r["model"], variant=r["variant"], alpha=r["alpha"],
                                       instruction=[it["instruction"] for it in items]) for r in plan]
-    pd.concat(frames, ignore_index=True).to_json(out / "judgements.jsonl", orient="records", lines=True, force_ascii=False)
+    with atomic_path(out / "judgements.jsonl") as tmp:
+        pd.concat(frames, ignore_index=True).to_json(tmp, orient="records", lines=True, force_ascii=False)
     write_json(out / "run_record.json", run_record(P, input_hashes(_as_stage03(P)), started,
                                                    seeds={"noise_images_and_probes": P["seed"]}))

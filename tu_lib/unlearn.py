@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import ParameterError, TuError, atomic_dir, read_jsonl, run_record, write_json
-from .params import Param, Spec, non_negative, positive, size_value
+from .core import ParameterError, TuError, atomic_dir, read_jsonl, run_record, write_csv, write_json, write_jsonl
+from .params import Param, Spec, non_negative, positive, positive_size
 from .train import answer_logits, apply_adapter, per_row_mean, save_adapter
 
 NOTEBOOK = "02_unlearn"
@@ -83,7 +83,13 @@ def _methods_check(v):
 
 
 def _targets_check(v):
-    return None if v and all(isinstance(n, str) and n.isidentifier() for n in v) else "must be module names like ['q_proj', 'v_proj']"
+    from .models import _LM_LINEARS
+
+    if not v or not all(isinstance(n, str) and n.isidentifier() for n in v):
+        return "must be module names like ['q_proj', 'v_proj']"
+    unknown = [n for n in v if n not in _LM_LINEARS]
+    # every preset's LLM is Llama-shaped (Vicuna, SmolLM2, the micro Llama): these are its decoder-layer linears
+    return f"names {unknown}, which are not decoder-layer linears of the LLM ({', '.join(_LM_LINEARS)})" if unknown else None
 
 
 def _as_list(value):
@@ -112,7 +118,7 @@ SPEC = Spec(NOTEBOOK, [
     Param("npo_beta", (float,), 0.1, "β of NPO", positive),
     Param("max_forget_nll", (float,), 100.0, "stop rule: ascent methods stop once the forget NLL exceeds this (Yao et al.: 100)",
           positive),
-    Param("n_forget", (int, str), None, "forget prompts used (int or 'all')", size_value, profiled=True),
+    Param("n_forget", (int, str), None, "forget prompts used (int or 'all')", positive_size, profiled=True),
     Param("answer_tokens", (int,), 32, "length of the generated forget answers (organism, micro)", positive),
     Param("checkpoint_every", (int,), None, "steps between resumable checkpoints", positive, profiled=True),
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
@@ -168,8 +174,9 @@ def stage01_file(data_dir, name: str) -> Path:
     return path
 
 
-def load_sets(data_dir, n_forget) -> tuple[list[dict], list[dict], dict]:
-    """Forget and retain rows from stage 01's files (the stages meet only through files)."""
+def load_sets(data_dir, n_forget, preset: str | None = None) -> tuple[list[dict], list[dict], dict]:
+    """Forget and retain rows from stage 01's files (the stages meet only through files). With `preset`, also
+    checks, before any model is loaded, that the forget rows carry answers where the preset cannot make them."""
     from .core import sha256_file
 
     paths = {name: stage01_file(data_dir, name) for name in ("forget", "retain")}
@@ -178,6 +185,8 @@ def load_sets(data_dir, n_forget) -> tuple[list[dict], list[dict], dict]:
         raise TuError(f"Stage 01's forget or retain set under {data_dir} is empty; rerun notebook 01 with sizes > 0.")
     if n_forget != "all":
         forget = forget[: int(n_forget)]
+    if preset is not None and preset not in ANSWERING_PRESETS and not all(r.get("answer") for r in forget):
+        raise TuError(_NEEDS_ANSWERS.format(preset=preset))
     return forget, retain, {str(p): sha256_file(p) for p in paths.values()}
 
 
@@ -198,6 +207,11 @@ def _answers_key(preset: str, answer_tokens: int) -> str:
     return f"{preset}-{hashlib.sha256(f'{source}|{answer_tokens}'.encode()).hexdigest()[:10]}"
 
 
+ANSWERING_PRESETS = ("organism", "micro")  # presets whose pre-alignment model writes the answers to unlearn
+_NEEDS_ANSWERS = ("The {preset} preset unlearns PKU-SafeRLHF's unsafe answers: rerun stage 01 with "
+                  "`-p forget_source pku_saferlhf` (profile paper) so the forget set carries answers.")
+
+
 def pre_alignment_model(vlm):
     """(model, processor, chat) of the model before safety alignment, whose compliant answers are the ones
     to unlearn: the raw SmolLM2 backbone for the organism, the (random) model itself for micro."""
@@ -208,8 +222,7 @@ def pre_alignment_model(vlm):
         return lm.eval(), organism._TextOnly(tok), lambda p: organism.chat(tok, p)
     if vlm.preset == "micro":
         return vlm.model, vlm.processor, lambda p: vlm.chat(p, False)
-    raise TuError(f"The {vlm.preset} preset unlearns PKU-SafeRLHF's unsafe answers: rerun stage 01 with "
-                  f"`-p forget_source pku_saferlhf` (profile paper) so the forget set carries answers.")
+    raise TuError(_NEEDS_ANSWERS.format(preset=vlm.preset))
 
 
 def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path) -> list[dict]:
@@ -227,18 +240,15 @@ def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path)
         model, processor, chat = pre_alignment_model(vlm)
         answers = generate(model, processor, [chat(p) for p in todo], max_new_tokens=answer_tokens, batch_size=32,
                            desc="forget answers")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with open(cache, "a", encoding="utf-8") as f:
-            for p, a in zip(todo, answers):
-                f.write(json.dumps({"prompt": p, "answer": a}, ensure_ascii=False) + "\n")
-                known[p] = a
+        known.update(zip(todo, answers))
+        write_jsonl(cache, ({"prompt": p, "answer": a} for p, a in known.items()))  # whole file, atomically
     return [{"prompt": r["prompt"], "answer": known[r["prompt"]]} for r in forget]
 
 
 def prepare_data(vlm, P: dict) -> UnlearnData:
     from .params import resolve_path
 
-    forget, retain, inputs = load_sets(P["data_dir"], P["n_forget"])
+    forget, retain, inputs = load_sets(P["data_dir"], P["n_forget"], P["preset"])
     rows = forget_answers(vlm, forget, P["answer_tokens"], resolve_path(P["out_dir"]))
     normal = [{"prompt": r["prompt"], "answer": r["answer"]} for r in retain]
     return UnlearnData(forget=rows, normal=normal, mismatch_answers=mismatch_pool(retain), inputs=inputs)
@@ -579,7 +589,7 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
     finally:
         bar.close()
     model.eval()
-    summary = {"method": cfg.method, "key": key, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+    summary = {"method": cfg.method, "key": key, "preset": vlm.preset, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
                "steps_done": len(log), "stopped_by": stopped or f"step limit {cfg.steps}",
                "train_seconds": round(sum(r["seconds"] for r in log), 2),
                "rows_per_step": {k: len(v) for k, v in step_rows(vlm, method, data, plan[0], images).items()},
@@ -592,7 +602,7 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
                 from safetensors.torch import save_file
 
                 save_file(_trainable_state(model.trained), str(tmp / "llm.safetensors"))
-            pd.DataFrame(log).to_csv(tmp / "losses.csv", index=False, lineterminator="\n")
+            write_csv(pd.DataFrame(log), tmp / "losses.csv")
             write_json(tmp / "summary.json", summary)
         for name in ("adapter", "llm.safetensors", "losses.csv", "summary.json"):
             src, dst = out_dir / "result" / name, out_dir / name
@@ -722,7 +732,7 @@ def main(argv: list[str]) -> None:
         given[k] = yaml.safe_load(v)
     started = time.time()
     P = resolve_params(given)
-    load_sets(P["data_dir"], P["n_forget"])  # fail before loading a model
+    load_sets(P["data_dir"], P["n_forget"], P["preset"])  # fail before loading a model
     vlm = models.load_vlm(P["preset"], dtype=P["dtype"], local_dir=P["model_dir"] or None)  # device auto: a GPU if any
     data = prepare_data(vlm, P)
     summaries = train_all(vlm, data, P, after=lambda m, s: print(f"{m}: {s['steps_done']} steps, {s['stopped_by']}"))

@@ -1,0 +1,53 @@
+"""Output files later stages trust because they exist: written whole or not at all, read with clear errors."""
+import json
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from tu_lib import plots
+from tu_lib.core import TuError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
+
+
+class Boom(Exception):
+    pass
+
+
+def _failing_rows():
+    yield {"a": 1}
+    raise Boom("interrupted mid-way")
+
+
+def test_an_interrupted_write_keeps_the_old_file_and_leaves_no_scratch(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"a": 0}, {"a": 0}])
+    with pytest.raises(Boom):
+        write_jsonl(path, _failing_rows())
+    assert read_jsonl(path) == [{"a": 0}, {"a": 0}]          # the previous complete file, not a torn one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+    with pytest.raises(Boom), atomic_path(tmp_path / "new.csv") as tmp:
+        tmp.write_text("half")
+        raise Boom("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]  # no new.csv, no scratch
+
+
+def test_writers_produce_the_files_they_name(tmp_path):
+    write_json(tmp_path / "r.json", {"b": 1, "a": [1, 2]})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": [1, 2], "b": 1}
+    write_csv(pd.DataFrame({"x": [1, 2], "y": ["a", "b"]}), tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_bytes() == b"x,y\n1,a\n2,b\n"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = plots.save_figure(fig, pd.DataFrame({"x": [0, 1]}), "f", tmp_path / "figs")
+    assert out["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out["csv"].read_text() == "x\n0\n1\n"
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["f.csv", "f.png"]
+
+
+def test_a_damaged_jsonl_names_the_file_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"id": 1}\n\n{"id": 2, "prompt": "cut sho\n')
+    with pytest.raises(TuError, match=r"set\.jsonl line 3 is not valid JSON .*Re-run the stage"):
+        read_jsonl(path)
+    path.write_text('{"id": 1}\n[1, 2]\n')
+    with pytest.raises(TuError, match="line 2 is not a JSON object"):
+        read_jsonl(path)
