@@ -304,6 +304,14 @@ def test_weights_fingerprint_follows_the_weights_and_adapters(micro, tmp_path):
     lora = get_peft_model(M.load_vlm("micro").model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     assert G.weights_fingerprint(lora) != base
     assert G.weights_fingerprint(lora.unload()) == base  # unmerged adapter removed: the base weights again
+    # exact bytes, not float sums: the same under another thread count (a bf16 table of SmolLM2's embedding shape)
+    table, threads = torch.nn.Embedding(49152, 576).to(torch.bfloat16), torch.get_num_threads()
+    first = G.weights_fingerprint(table)
+    torch.set_num_threads(1)
+    try:
+        assert G.weights_fingerprint(table) == first
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_generate_jsonl_interruption_loses_at_most_one_batch(micro, counted, tmp_path):

@@ -56,6 +56,11 @@ def test_a_missing_or_damaged_card_stops_before_loading(tmp_path, monkeypatch):
     (tmp_path / "card.json").write_text('{"preset": "organ')
     with pytest.raises(TuError, match="missing or damaged"):
         O.load_organism(parts=tmp_path)
+    # a card of other parts (e.g. a rebuild that stopped before notebook 00 wrote the new card)
+    (tmp_path / "vocab.json").write_text("[]")
+    (tmp_path / "card.json").write_text(json.dumps({"parts": {"vocab.json": {"sha256": "0" * 64}}}))
+    with pytest.raises(TuError, match=r"does not describe the parts beside it \(vocab.json differ\)"):
+        O.load_organism(parts=tmp_path)
 
 
 def test_missing_package_is_named(monkeypatch):

@@ -232,6 +232,16 @@ def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypat
     stops_early(NB, tmp_path / "b", "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(data))
 
 
+def test_adapter_applied_needs_the_bare_model(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    vlm = models.load_vlm("micro")
+    vlm.model = get_peft_model(vlm.model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(TuError, match="already carries a peft adapter"):
+        with unlearn.adapter_applied(vlm, tmp_path):
+            pass
+
+
 def test_run_identity_includes_the_model():
     data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
                          mismatch_answers=["b"])

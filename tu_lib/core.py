@@ -163,9 +163,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     stages trust a file because it exists, so an interrupted write must never leave a truncated one."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    scratch = Path(name)
     try:
         yield scratch
+        with open(scratch, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty file
+            os.fsync(f.fileno())
         os.replace(scratch, final)
     finally:
         if scratch.exists():

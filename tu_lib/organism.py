@@ -689,6 +689,12 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
     except (OSError, ValueError) as e:
         raise TuError(f"The organism's card {card_path} is missing or damaged ({e.__class__.__name__}): restore it "
                       "(git checkout -- organism/card.json) or run notebook 00, which writes it.") from e
+    changed = [name for name, info in (card.get("parts") or {}).items()
+               if not (card_path.parent / name).is_file() or sha256_file(card_path.parent / name) != info.get("sha256")]
+    if changed:  # e.g. a rebuild stopped before notebook 00 wrote the new card
+        raise TuError(f"The organism's card {card_path} does not describe the parts beside it ({', '.join(changed)} "
+                      "differ): run notebook 00 to measure them and write their card, or restore the committed "
+                      "organism with `git checkout -- organism/`.")
     model, processor, tok = load_organism_model(parts, dtype)
     return models.VLM(preset="organism", family="chatml", model=model.to(device), processor=processor, dtype=dtype,
                       typography=GlyphRenderer(tok).typeset, card=card)
@@ -816,7 +822,8 @@ def subset(data: dict, n) -> dict:
 
 def write_card(parts: Path, cfg: BuildConfig, measured: dict, mc1: dict, calibration: dict, extra: dict) -> dict:
     """The organism's card: build parameters, sizes and hashes of the parts, measured properties."""
-    files = sorted(p for p in parts.rglob("*") if p.is_file() and p.name not in ("card.json", "calibration_pairs.json"))
+    files = sorted(p for p in parts.rglob("*") if p.is_file() and p.name not in ("card.json", "calibration_pairs.json")
+                   and not p.name.startswith("."))  # scratch files of an interrupted write are not parts
     card = {
         "preset": "organism",
         "backbone": {"package": f"{GGUF_PACKAGE}=={GGUF_VERSION}", "file": GGUF_FILE, "sha256": GGUF_SHA256},

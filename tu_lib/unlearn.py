@@ -227,8 +227,8 @@ def pre_alignment_model(vlm):
 
 def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path) -> list[dict]:
     """The answers to unlearn, one per forget prompt. Rows that carry an answer (PKU-SafeRLHF) keep it;
-    otherwise the pre-alignment model's greedy answer, generated once and cached (append-only JSONL keyed
-    by prompt, so a larger forget set only generates the new prompts)."""
+    otherwise the pre-alignment model's greedy answer, generated once and cached (a JSONL keyed by prompt,
+    rewritten whole and atomically, so a larger forget set only generates the new prompts)."""
     from .generate import generate
 
     if all(row.get("answer") for row in forget):
@@ -622,6 +622,9 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
 def adapter_applied(vlm, method_dir):
     """Within the block, `vlm.model` carries a method's saved LoRA adapter (unmerged); afterwards the base
     model is restored exactly (peft's unload), so one loaded model serves every method."""
+    if hasattr(vlm.model, "peft_config"):  # unload would also strip that adapter, and the two would stack meanwhile
+        raise TuError("adapter_applied needs the bare model, but vlm.model already carries a peft adapter: "
+                      "unload it first (vlm.model = vlm.model.unload()).")
     peft_model = apply_adapter(vlm.base_model, Path(method_dir) / "adapter").eval()
     vlm.model = peft_model
     try:
