@@ -221,15 +221,13 @@ def test_notebook_stops_when_stage01_has_not_run(tmp_path):
 def test_notebook_stops_on_a_preset_without_a_model(tmp_path, stage01, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TU_MODEL_DIR", str(tmp_path / "no_models"))
-    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
-    # forget rows without answers: a LLaVA preset cannot write them, so the notebook stops before loading anything
-    stops_early(NB, tmp_path / "a", "forget_source pku_saferlhf", 0, preset="llava-1.5-7b", data_dir=str(stage01))
-    # with answers (as stage 01 writes them from PKU-SafeRLHF), it stops at the missing model
+    # forget rows with answers, as stage 01 writes them from PKU-SafeRLHF (without, load_sets stops even earlier:
+    # test_paper_presets_need_forget_answers_from_stage01), so the notebook gets as far as the missing model
     data = tmp_path / "with_answers"
     shutil.copytree(stage01, data)
     write_jsonl(data / "sets" / "forget.jsonl", [dict(r, answer="A placeholder answer.")
                                                  for r in read_jsonl(stage01 / "sets" / "forget.jsonl")])
-    stops_early(NB, tmp_path / "b", "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(data))
+    stops_early(NB, tmp_path, "llava-hf/llava-1.5-7b-hf", 1, preset="llava-1.5-7b", data_dir=str(data))
 
 
 def test_adapter_applied_needs_the_bare_model(tmp_path):
