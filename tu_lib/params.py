@@ -56,18 +56,15 @@ def positive(v):
     return None if v > 0 else "must be > 0"
 
 
-def size_value(v):
-    """A set size: a non-negative int, or the string 'all'."""
-    if isinstance(v, str):
-        return None if v == "all" else "must be a non-negative integer or 'all'"
-    return None if v >= 0 else "must be a non-negative integer or 'all'"
+def _size_check(smallest: int, words: str):
+    def check(v):
+        ok = v == "all" if isinstance(v, str) else v >= smallest
+        return None if ok else f"must be a {words} integer or 'all'"
+    return check
 
 
-def positive_size(v):
-    """A sample size that must not be empty: a positive int, or the string 'all'."""
-    if isinstance(v, str):
-        return None if v == "all" else "must be a positive integer or 'all'"
-    return None if v > 0 else "must be a positive integer or 'all'"
+size_value = _size_check(0, "non-negative")    # a set size (0 drops the set)
+positive_size = _size_check(1, "positive")     # a sample size that must not be empty
 
 
 def fraction(v):
