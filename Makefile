@@ -83,7 +83,7 @@ organism: setup
 organism-check: setup
 	@mkdir -p runs/notebooks
 	$(VENV)/bin/papermill --no-progress-bar notebooks/00_organism.ipynb runs/notebooks/00_organism.check.ipynb \
-	  -p rebuild True -p parts_dir runs/organism_rebuild
+	  -p rebuild True -p parts_dir runs/organism_rebuild -p fig_dir runs/organism_rebuild_figures
 	$(PY) -m tu_lib.organism compare organism/card.json runs/organism_rebuild/card.json
 
 clean:

@@ -30,3 +30,24 @@ def injected_source(path) -> str:
     """The source of the cell papermill injected (empty if none)."""
     nb = json.loads(path.read_text())
     return "".join("".join(c["source"]) for c in nb["cells"] if "injected-parameters" in c["metadata"].get("tags", []))
+
+
+def finished_method_run(run, preset: str = "organism", weights: bytes | None = None) -> None:
+    """A stage-02 method folder as train() leaves it: a readable adapter and a summary recording each file's hash
+    (stages 03-05 trust nothing else). `weights` changes the adapter's content (a retrained adapter)."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tu_lib.core import file_hashes
+
+    run = Path(run)
+    (run / "adapter").mkdir(parents=True, exist_ok=True)
+    tensor = torch.tensor(list(weights or b"w"), dtype=torch.float32)
+    save_file({"lora": tensor}, str(run / "adapter" / "adapter_model.safetensors"))
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "losses.csv").write_text("step\n1\n")
+    files = file_hashes(run, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "losses.csv"])
+    (run / "summary.json").write_text(json.dumps({"preset": preset, "files": files}))

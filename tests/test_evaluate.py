@@ -12,7 +12,7 @@ from PIL import Image
 from tu_lib import adversarial, evaluate, models
 from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
 
-from notebook_helpers import stops_early
+from notebook_helpers import finished_method_run, stops_early
 
 NB = repo_root() / "notebooks" / "03_eval.ipynb"
 
@@ -43,7 +43,7 @@ def test_missing_inputs_are_reported_before_loading_a_model(tmp_path):
                  "utility_truthfulqa"):
         write_jsonl(tmp_path / "d" / "sets" / f"{name}.jsonl", [])
     P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path / "d"), "unlearn_dir": str(tmp_path / "u"),
-                                 "methods": "base,textual_ga"})
+                                 "methods": "base,textual_ga", "out_dir": str(tmp_path / "out")})
     with pytest.raises(TuError, match="No complete adapter for method 'textual_ga'"):
         evaluate.check_inputs(P)
     run = tmp_path / "u" / "textual_ga"
@@ -52,10 +52,12 @@ def test_missing_inputs_are_reported_before_loading_a_model(tmp_path):
     with pytest.raises(TuError, match="missing adapter_config.json"):   # a half-copied adapter is caught here, not after generation
         evaluate.check_inputs(P)
     (run / "adapter" / "adapter_config.json").write_text("{}")
-    (run / "summary.json").write_text(json.dumps({"preset": "llava-1.5-7b"}))
+    with pytest.raises(TuError, match="summary.json is missing"):  # copied without its record: cannot be verified
+        evaluate.check_inputs(P)
+    finished_method_run(run, preset="llava-1.5-7b")
     with pytest.raises(TuError, match="trained on preset 'llava-1.5-7b', not 'organism'"):
         evaluate.check_inputs(P)
-    (run / "summary.json").write_text(json.dumps({"preset": "organism"}))
+    finished_method_run(run, preset="organism")
     evaluate.check_inputs(P)
     shutil.rmtree(run / "adapter")
     (run / "llm.safetensors").write_bytes(b"x")
@@ -194,14 +196,13 @@ def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
     adapter.mkdir(parents=True)
     for name in ("t1_advbench", "v3_prompts", "forget", "v1_figstep"):
         write_jsonl(sets / f"{name}.jsonl", [{"prompt": name}])
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    (adapter / "adapter_config.json").write_text("{}")
+    finished_method_run(adapter.parent, weights=b"weights")
     P = {"sets": ["t1_advbench", "v3_adversarial", "utility_reading"], "data_dir": str(tmp_path / "d"),
          "unlearn_dir": str(tmp_path / "u"), "methods": ["base", "textual_ga"], "preset": "organism"}
     hashes = evaluate.input_hashes(P)
     assert hashes == {str(p): sha256_file(p) for p in [sets / "t1_advbench.jsonl", sets / "v3_prompts.jsonl",
                                                          adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]}
-    (adapter / "adapter_model.safetensors").write_bytes(b"other weights")  # a retrained adapter shows in the record
+    finished_method_run(adapter.parent, weights=b"other weights")  # a retrained adapter shows in the record
     assert evaluate.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
     # stage 05 reads its anchor prompts (forget), V1 and its sets, and the adapters of methods and combinations
     P05 = {"sets": ["t1_advbench"], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"], "methods": ["textual_ga"],

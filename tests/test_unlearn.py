@@ -95,6 +95,39 @@ def test_interrupted_run_resumes_to_the_same_adapter(micro_data, tmp_path):
     assert adapter_hash(tmp_path / "resumed") != adapter_hash(tmp_path / "whole") and other["key"] != whole["key"]
 
 
+def test_a_damaged_finished_run_is_named_and_trained_again(micro_data, tmp_path, capsys):
+    """Issue 21 (3): a finished method whose adapter was truncated must not count as finished on a rerun."""
+    vlm, data = micro_data
+    run = tmp_path / "run"
+    unlearn.train(vlm, data, cfg(steps=2), run)
+    good = adapter_hash(run)
+    assert unlearn.method_problem(run) is None
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, e.g. a half-finished copy
+    assert "adapter_model.safetensors is missing or changed" in unlearn.method_problem(run)
+    with pytest.raises(TuError, match=r"adapter_model.safetensors.*cannot be read.*Train it again"):
+        unlearn.apply_adapter(vlm.base_model, run / "adapter")  # named, not a raw SafetensorError
+    capsys.readouterr()
+    unlearn.train(vlm, data, cfg(steps=2), run)
+    assert "adapter_model.safetensors is missing or changed" in capsys.readouterr().out
+    assert adapter_hash(run) == good and unlearn.method_problem(run) is None
+    (run / "losses.csv").write_text("step\n")  # any recorded file counts, not only the adapter
+    assert "losses.csv" in unlearn.method_problem(run)
+
+
+def test_a_damaged_forget_answers_cache_is_regenerated(stage01, tmp_path, capsys):
+    """A cache of valid JSON with edited answers is caught by the hash recorded when it was written."""
+    vlm = models.load_vlm("micro")
+    P = params(stage01, tmp_path, n_forget=3)
+    first = unlearn.prepare_data(vlm, P)
+    cache = next((tmp_path / "02").glob("forget_answers_*.jsonl"))
+    rows = read_jsonl(cache)
+    write_jsonl(cache, [{**r, "answer": "edited"} for r in rows])
+    again = unlearn.prepare_data(vlm, P)
+    assert "does not match the SHA-256 recorded" in capsys.readouterr().out
+    assert again.forget == first.forget and "edited" not in {r["answer"] for r in read_jsonl(cache)}
+
+
 def _losses(path):
     import pandas as pd
 

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .core import sha256_file
+
 
 def _normaliser(processor):
     ip = processor.image_processor
@@ -100,15 +102,31 @@ def cached_images(vlm, phrases: list[str], cache_dir, *, steps: int, lr: float =
     cache_dir.mkdir(parents=True, exist_ok=True)
     fp = vision_fingerprint(vlm)
     keys = [hashlib.sha256(f"{fp}|{p}|{steps}|{lr}|{seed}".encode()).hexdigest()[:20] for p in phrases]
-    todo = [i for i, k in enumerate(keys)
-            if not ((cache_dir / f"{k}.png").is_file() and (cache_dir / f"{k}.json").is_file())]
+    todo = [i for i, k in enumerate(keys) if not _cached_entry_ok(cache_dir, k)]
     if todo:
         images, st = optimise_images(vlm, [phrases[i] for i in todo], steps=steps, lr=lr, seed=seed)
         for i, image, s in zip(todo, images, st):  # written aside, then renamed: no half-written entry
             tmp_png, tmp_json = cache_dir / f".{keys[i]}.png.tmp", cache_dir / f".{keys[i]}.json.tmp"
             image.save(tmp_png, format="PNG")
-            tmp_json.write_text(json.dumps(s))
+            tmp_json.write_text(json.dumps({**s, "png_sha256": sha256_file(tmp_png)}))
             tmp_png.replace(cache_dir / f"{keys[i]}.png")
             tmp_json.replace(cache_dir / f"{keys[i]}.json")
     images = [Image.open(cache_dir / f"{k}.png").convert("RGB") for k in keys]
-    return images, [json.loads((cache_dir / f"{k}.json").read_text()) for k in keys]
+    stats = [json.loads((cache_dir / f"{k}.json").read_text()) for k in keys]
+    return images, [{k: v for k, v in s.items() if k != "png_sha256"} for s in stats]
+
+
+def _cached_entry_ok(cache_dir: Path, key: str) -> bool:
+    """A cached image is used only when its stats file is readable and the PNG has the SHA-256 recorded beside it;
+    a damaged entry is named and optimised again."""
+    png, meta = cache_dir / f"{key}.png", cache_dir / f"{key}.json"
+    if not (png.is_file() or meta.is_file()):
+        return False
+    try:
+        recorded = json.loads(meta.read_text())["png_sha256"]
+        ok = sha256_file(png) == recorded
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        print(f"V3 image cache entry {png} is damaged or incomplete: optimising it again")
+    return ok

@@ -19,7 +19,7 @@ NOTEBOOK = "06_assignment"
 
 
 def _spec():
-    from .params import Param, Spec, non_negative, positive
+    from .params import Param, Spec, positive, seed_value
 
     return Spec(NOTEBOOK, [
         Param("profile", (str,), "default", "settings profile (the assignment reads none; kept for `make` loops)"),
@@ -28,7 +28,7 @@ def _spec():
         Param("layer", (int,), 15, "decoder layer whose hidden states CMRM corrects in exercise (c)"),
         Param("n_anchor", (int,), 16, "anchor prompts (benign training titles) of the CMRM shift", positive),
         Param("alpha", (float,), 1.0, "CMRM strength used in the demonstration (0 to 2)"),
-        Param("seed", (int,), 0, "seed of the toy run and the bootstrap", non_negative),
+        Param("seed", (int,), 0, "seed of the toy run and the bootstrap", seed_value),
     ])
 
 

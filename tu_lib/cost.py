@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .core import ParameterError, TuError, run_record, sha256_file, write_csv, write_json
+from .core import ParameterError, TuError, claim_output_dir, run_record, sha256_file, write_csv, write_json
 from .params import Param, Spec, fraction, positive
 
 __all__ = ["Shape", "Batch", "forward_flops", "backward_flops", "step_flops", "llava_shape", "SPEC", "resolve_params",
@@ -177,14 +177,14 @@ SPEC = Spec(NOTEBOOK, [
     Param("methods", (list, str), None, "stage 02 methods to time (list or comma-separated)", profiled=True),
     Param("preset", (str, type(None)), None, "model preset to time; None: stage 02's, from the same profile"),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
-    Param("unlearn_dir", (str, type(None)), None, "stage 02's output folder (its run records); None: the profile's"),
+    Param("unlearn_dir", (str, type(None)), None, "stage 02's output folder (its run records); None: the profile's", kind="path"),
     Param("steps", (int,), None, "timed optimizer steps per repeat (after one untimed warm-up step)", positive, profiled=True),
     Param("repeats", (int,), None, "repeats of the timed steps (medians with min-max)", positive, profiled=True),
     Param("gpu_utilisation", (float,), 0.4, "fraction of a GPU's peak bf16 FLOP/s that training sustains (for GPU-hours)",
           fraction),
-    Param("eval_dir", (str,), None, "stage 03's output folder (ASR per unit of compute, when present)", profiled=True),
-    Param("out_dir", (str,), None, "where the measurements and tables go", profiled=True),
-    Param("fig_dir", (str,), None, "folder for the figures and their CSVs", profiled=True),
+    Param("eval_dir", (str,), None, "stage 03's output folder (ASR per unit of compute, when present)", profiled=True, kind="path"),
+    Param("out_dir", (str,), None, "where the measurements and tables go", profiled=True, kind="output"),
+    Param("fig_dir", (str,), None, "folder for the figures and their CSVs", profiled=True, kind="figures"),
 ])
 
 
@@ -540,8 +540,8 @@ def ratio_figure(curve: pd.DataFrame, organism_text_tokens: float | None = None)
 
 
 def write_outputs(P: dict, P02: dict, out: Path, tables: dict[str, pd.DataFrame | None], started: float) -> None:
-    """Every table as CSV in out_dir, and the run record."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Every table as CSV in out_dir (refused before any work if it is not this stage's), and the run record."""
+    claim_output_dir(out, NOTEBOOK)
     for name, table in tables.items():
         if table is not None:
             write_csv(table, out / f"{name}.csv")

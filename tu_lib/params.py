@@ -8,6 +8,8 @@ profile in configs/<profile>/<notebook>.yaml — the same files `papermill -f` t
 from __future__ import annotations
 
 import difflib
+import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Callable
 
 import yaml
 
-from .core import ParameterError, repo_root
+from .core import ParameterError, check_output_dir, repo_root
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
 
@@ -31,6 +33,9 @@ class Param:
     check: Callable[[Any], str | None] | None = None  # returns an error text, or None when fine
     profiled: bool = False  # None means "take the profile's value"
     folder: bool = False  # a user's local folder: must exist; relative paths start at the repository root
+    # "output": a folder the stage writes (checked to be its own, see core.output_dir_problem); "figures": the
+    # figure folder (follows an explicit output folder); "path": any other path (another stage's output)
+    kind: str = ""
 
 
 @dataclass
@@ -67,6 +72,14 @@ size_value = _size_check(0, "non-negative")    # a set size (0 drops the set)
 positive_size = _size_check(1, "positive")     # a sample size that must not be empty
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy generators take at most this; torch.manual_seed fails above 2**64 - 1
+
+
+def seed_value(v):
+    """Every notebook's seed: numpy, torch and Python's random all accept it, so a run never fails late."""
+    return None if 0 <= v <= SEED_MAX else f"must be an integer from 0 to {SEED_MAX} (2**32 - 1)"
+
+
 def fraction(v):
     return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
 
@@ -75,6 +88,9 @@ def one_of(*choices):
     def check(v):
         return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
     return check
+
+
+dtype_value = one_of("auto", "float32", "bfloat16")  # every notebook's model dtype
 
 
 # ---- profiles -----------------------------------------------------------------------------------
@@ -137,7 +153,62 @@ def _check_type(p: Param, value):
             f"Parameter {p.name}={value!r} has type {type(value).__name__}; it must be {want}. "
             f"Pass e.g. `-p {p.name} {p.default!r}`. Meaning: {p.help}"
         )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ParameterError(f"Parameter {p.name}={value!r} must be a finite number. Meaning: {p.help}")
+    if isinstance(value, int) and not isinstance(value, bool) and not INT_MIN <= value <= INT_MAX:
+        raise ParameterError(f"Parameter {p.name}={value!r} is out of range: integers must fit in 64 bits. "
+                             f"Meaning: {p.help}")
     return value
+
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+PATH_HEADROOM = 200  # characters a stage appends below its folders (subfolders, file names, scratch suffixes)
+NAME_HEADROOM = 32   # characters a scratch copy adds to a folder's name (".<name>.tmp-XXXXXXXX")
+
+
+def path_problem(value: str, headroom: bool = True) -> str | None:
+    """Why a path cannot be created here (NUL byte, a name or the whole path longer than the file system takes,
+    leaving room for what the stage appends), before a stage fails at write time with a raw OSError."""
+    if "\0" in value:
+        return "contains a NUL byte"
+    path = resolve_path(value)
+    probe = next((a for a in (path, *path.parents) if _exists(a)), Path("/"))
+    try:
+        name_max, path_max = os.pathconf(probe, "PC_NAME_MAX"), os.pathconf(probe, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    extra_name, extra_path = (NAME_HEADROOM, PATH_HEADROOM) if headroom else (0, 0)
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > name_max - extra_name:
+        return (f"has a folder or file name of {len(os.fsencode(longest))} bytes; this file system takes "
+                f"{name_max}" + (f" and the stage needs {extra_name} for scratch copies" if headroom else ""))
+    if len(os.fsencode(str(path))) > path_max - extra_path:
+        return (f"is {len(os.fsencode(str(path)))} bytes long; this file system takes {path_max}"
+                + (f" and the stage appends up to {extra_path}" if headroom else ""))
+    return None
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long to even look up
+        return False
+
+
+def figure_dir_problem(value: str) -> str | None:
+    """Why figures must not go to this folder: a file, the clone itself, or one of its source or data folders
+    (figures/ and runs/ are fine: a stage only writes its own <stage>_*.png and .csv there)."""
+    path = Path(os.path.abspath(resolve_path(value)))
+    root = Path(os.path.abspath(repo_root()))
+    if path.exists() and not path.is_dir():
+        return "is a file, not a folder"
+    if path == root or path in root.parents:
+        return "is the repository itself or a folder that holds it"
+    if root in path.parents:
+        top = path.relative_to(root).parts[0]
+        if top not in ("figures", "runs"):
+            return f"lies in the repository's {top}/ folder (figures go to figures/ or under runs/)"
+    return None
 
 
 def resolve(spec: Spec, namespace: dict) -> dict:
@@ -165,7 +236,7 @@ def resolve(spec: Spec, namespace: dict) -> dict:
     for p in spec.params:
         value = values[p.name]
         if value is None and p.profiled:
-            value = from_profile.get(p.name, p.default)
+            value = _followed_output(spec, values, from_profile, p) or from_profile.get(p.name, p.default)
         value = _check_type(p, value)
         if value is None and p.profiled:
             raise ParameterError(f"Parameter {p.name} is unset and profile {profile!r} gives no value for it.")
@@ -173,14 +244,35 @@ def resolve(spec: Spec, namespace: dict) -> dict:
             problem = p.check(value)
             if problem:
                 raise ParameterError(f"Parameter {p.name}={value!r} {problem}. Meaning: {p.help}")
+        if (p.folder or p.kind) and value:
+            problem = path_problem(value, headroom=p.kind in ("output", "figures"))
+            if problem:
+                raise ParameterError(f"Parameter {p.name}={value!r} {problem}: pass a shorter path. Meaning: {p.help}")
         if p.folder and value:
             folder = resolve_path(value)
             if not folder.is_dir():
                 raise ParameterError(f"Parameter {p.name}={value!r}: no folder at {folder} (relative paths start at the "
                                      f"repository root, as papermill may run the notebook elsewhere). Meaning: {p.help}")
             value = str(folder)
+        if p.kind == "output" and value:
+            check_output_dir(resolve_path(value), spec.notebook, p.name, shown=value)
+        if p.kind == "figures" and value:
+            problem = figure_dir_problem(value)
+            if problem:
+                raise ParameterError(f"Parameter {p.name}={value!r} {problem}. Pass another folder, e.g. "
+                                     f"`-p {p.name} runs/my_figures`. Meaning: {p.help}")
         resolved[p.name] = value
     return resolved
+
+
+def _followed_output(spec: Spec, values: dict, from_profile: dict, p: Param) -> str | None:
+    """An unset figure folder follows an output folder the user chose: <out_dir>/figures. So a run with its own
+    out_dir never overwrites the profile's figures (those of another run)."""
+    if p.kind != "figures":
+        return None
+    chosen = [values[q.name] for q in spec.params if q.kind == "output"
+              and values[q.name] not in (None, q.default, from_profile.get(q.name))]
+    return f"{chosen[0].rstrip('/')}/figures" if chosen else None
 
 
 def describe(spec: Spec) -> str:

@@ -287,7 +287,7 @@ def _parsed_list(name: str, value, cast, expected: str) -> list:
 
 
 def _spec():
-    from .params import Param, Spec, non_negative, one_of, positive
+    from .params import Param, Spec, dtype_value, one_of, positive, seed_value
 
     return Spec(NOTEBOOK, [
         Param("profile", (str,), "default", "settings profile: smoke, default (organism, CPU) or paper (LLaVA-1.5-7B, GPU)"),
@@ -319,16 +319,16 @@ def _spec():
               profiled=True),
         Param("batch_size", (int,), None, "prompts per batch (generation and hidden states)", positive, profiled=True),
         Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
-        Param("seed", (int,), 0, "seed of the noise images, the probes' folds and the bootstrap", non_negative),
-        Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
+        Param("seed", (int,), 0, "seed of the noise images, the probes' folds and the bootstrap", seed_value),
+        Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16", dtype_value),
         Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)",
               folder=True),
         Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading utility)",
               folder=True),
-        Param("data_dir", (str,), None, "stage 01's output folder", profiled=True),
-        Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True),
-        Param("out_dir", (str,), None, "where tables, judgements and the run record go", profiled=True),
-        Param("fig_dir", (str,), None, "folder for the figures and their CSVs", profiled=True),
+        Param("data_dir", (str,), None, "stage 01's output folder", profiled=True, kind="path"),
+        Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True, kind="path"),
+        Param("out_dir", (str,), None, "where tables, judgements and the run record go", profiled=True, kind="output"),
+        Param("fig_dir", (str,), None, "folder for the figures and their CSVs", profiled=True, kind="figures"),
     ])
 
 
@@ -378,9 +378,12 @@ def resolve_params(namespace: dict) -> dict:
 
 def check_inputs(P: dict) -> None:
     """Fail before loading a model: stage 01's sets and the adapters of the chosen methods must exist."""
+    from .core import claim_output_dir
     from .evaluate import check_inputs as check_stage03_inputs
+    from .params import resolve_path
 
     check_stage03_inputs(_as_stage03(P))
+    claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)  # every check passed: the output folder is ours now
 
 
 def _as_stage03(P: dict) -> dict:
@@ -727,10 +730,10 @@ def write_outputs(P: dict, out, tables: dict, judged: dict, plan: list[dict], it
     the run record."""
     import pandas as pd
 
-    from .core import atomic_path, run_record, write_csv, write_json
+    from .core import atomic_path, claim_output_dir, run_record, write_csv, write_json
     from .evaluate import input_hashes
 
-    out.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(out, NOTEBOOK)
     for name, table in tables.items():
         write_csv(table, out / f"{name}.csv")
     frames = [judged[r["run"]].assign(run=r["run"], model=r["model"], variant=r["variant"], alpha=r["alpha"],

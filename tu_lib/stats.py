@@ -4,9 +4,25 @@ from __future__ import annotations
 import numpy as np
 
 
+def binary_outcomes(outcomes) -> np.ndarray:
+    """`outcomes` as a float array of 0/1 values; anything else (2, -1, 0.5, NaN, a table) is refused, since a
+    rate of it would be a number outside [0, 1] with a meaningless interval."""
+    try:
+        x = np.asarray(outcomes, dtype=float)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a rate needs 0/1 outcomes (or booleans); got {outcomes!r:.80}") from e
+    if x.ndim != 1:
+        raise ValueError(f"a rate needs a flat sequence of 0/1 outcomes; got an array of shape {x.shape}")
+    bad = x[(x != 0) & (x != 1)]
+    if bad.size:
+        raise ValueError(f"a rate needs 0/1 outcomes (or booleans); got {bad.size} other value(s), e.g. "
+                         f"{sorted(set(bad.tolist()), key=str)[:5]}: pass per-item success flags, not counts or scores")
+    return x
+
+
 def bootstrap_ci(outcomes, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of 0/1 outcomes (seeded, so reruns print the same)."""
-    x = np.asarray(outcomes, dtype=float)
+    x = binary_outcomes(outcomes)
     if x.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
@@ -17,7 +33,7 @@ def bootstrap_ci(outcomes, n_boot: int = 2000, level: float = 0.95, seed: int = 
 
 def rate(outcomes, seed: int = 0) -> dict:
     """{'rate', 'n', 'ci_low', 'ci_high'} for 0/1 outcomes."""
-    x = np.asarray(outcomes, dtype=float)
+    x = binary_outcomes(outcomes)
     lo, hi = bootstrap_ci(x, seed=seed)
     return {"rate": float(x.mean()) if x.size else float("nan"), "n": int(x.size), "ci_low": lo, "ci_high": hi}
 

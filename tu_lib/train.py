@@ -134,13 +134,23 @@ def apply_adapter(model, path):
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
             raise TuError(f"No LoRA adapter in {path} ({name} missing); train it first (notebook 02).")
-    config = LoraConfig.from_pretrained(str(path))
+    config = weights = None
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        try:
+            if name.endswith(".json"):
+                config = LoraConfig.from_pretrained(str(path))
+            else:
+                weights = load_file(str(path / name))
+        except Exception as e:  # safetensors' and peft's own errors name neither the file nor what to do
+            raise TuError(f"{path / name} cannot be read ({type(e).__name__}: {e}): the file is damaged or incomplete. "
+                          "Train it again (notebook 02 retrains a damaged method; `make organism` rebuilds the "
+                          "organism's parts).") from e
     config.base_model_name_or_path = getattr(model.config, "_name_or_path", None)  # the cache folder differs per machine
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*base_model_name_or_path.*")
         peft_model = get_peft_model(model, config)
     dtype = next(model.parameters()).dtype
-    state = {k: v.to(dtype) for k, v in load_file(str(path / "adapter_model.safetensors")).items()}
+    state = {k: v.to(dtype) for k, v in weights.items()}
     result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:
         raise TuError(f"adapter {path} does not fit the model: unexpected keys {result.unexpected_keys[:3]}")

@@ -40,8 +40,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .core import ParameterError, TuError, atomic_dir, read_jsonl, run_record, write_csv, write_json, write_jsonl
-from .params import Param, Spec, non_negative, positive, positive_size
+from .core import (ParameterError, TuError, atomic_dir, claim_output_dir, damaged_files, file_hashes, hash_problem,
+                   read_jsonl, record_hash, run_record, write_csv, write_json, write_jsonl)
+from .params import Param, Spec, dtype_value, non_negative, positive, positive_size, seed_value
 from .train import answer_logits, apply_adapter, per_row_mean, save_adapter
 
 NOTEBOOK = "02_unlearn"
@@ -122,12 +123,12 @@ SPEC = Spec(NOTEBOOK, [
     Param("answer_tokens", (int,), 32, "length of the generated forget answers (organism, micro)", positive),
     Param("checkpoint_every", (int,), None, "steps between resumable checkpoints", positive, profiled=True),
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
-    Param("seed", (int,), 0, "seed of the batch schedule and initialisation", non_negative),
-    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
+    Param("seed", (int,), 0, "seed of the batch schedule and initialisation", seed_value),
+    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16", dtype_value),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
-    Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True),
-    Param("out_dir", (str,), None, "where adapters, loss curves and run records go", profiled=True),
-    Param("fig_dir", (str,), None, "folder for the loss-curve figure and its CSV", profiled=True),
+    Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True, kind="path"),
+    Param("out_dir", (str,), None, "where adapters, loss curves and run records go", profiled=True, kind="output"),
+    Param("fig_dir", (str,), None, "folder for the loss-curve figure and its CSV", profiled=True, kind="figures"),
 ])
 
 
@@ -147,8 +148,6 @@ def resolve_params(namespace: dict) -> dict:
             raise ParameterError(f"Parameter {key}={P[key]!r} {problem}.")
     if P["preset"] not in models.PRESETS:
         raise ParameterError(f"Unknown model preset {P['preset']!r}; valid presets: {', '.join(models.PRESETS)}.")
-    if P["dtype"] not in ("auto", "float32", "bfloat16"):
-        raise ParameterError(f"Parameter dtype={P['dtype']!r} must be auto, float32 or bfloat16.")
     return P
 
 
@@ -234,7 +233,13 @@ def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path)
     if all(row.get("answer") for row in forget):
         return [{"prompt": r["prompt"], "answer": r["answer"]} for r in forget]
     cache = Path(cache_dir) / f"forget_answers_{_answers_key(vlm.preset, answer_tokens)}.jsonl"
-    known = {r["prompt"]: r["answer"] for r in read_jsonl(cache)} if cache.is_file() else {}
+    known = {}
+    if cache.is_file():
+        problem = hash_problem(cache)
+        if problem:
+            print(f"forget-answers cache {cache} {problem}: generating its answers again")
+        else:
+            known = {r["prompt"]: r["answer"] for r in read_jsonl(cache)}
     todo = [r["prompt"] for r in forget if r["prompt"] not in known]
     if todo:
         model, processor, chat = pre_alignment_model(vlm)
@@ -242,6 +247,7 @@ def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path)
                            desc="forget answers")
         known.update(zip(todo, answers))
         write_jsonl(cache, ({"prompt": p, "answer": a} for p, a in known.items()))  # whole file, atomically
+        record_hash(cache)
     return [{"prompt": r["prompt"], "answer": known[r["prompt"]]} for r in forget]
 
 
@@ -249,7 +255,7 @@ def prepare_data(vlm, P: dict) -> UnlearnData:
     from .params import resolve_path
 
     forget, retain, inputs = load_sets(P["data_dir"], P["n_forget"], P["preset"])
-    rows = forget_answers(vlm, forget, P["answer_tokens"], resolve_path(P["out_dir"]))
+    rows = forget_answers(vlm, forget, P["answer_tokens"], claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK))
     normal = [{"prompt": r["prompt"], "answer": r["answer"]} for r in retain]
     return UnlearnData(forget=rows, normal=normal, mismatch_answers=mismatch_pool(retain), inputs=inputs)
 
@@ -542,9 +548,9 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
         raise ParameterError(f"{accelerator.num_processes} processes but batch_size {cfg.batch_size}: each process needs at "
                              f"least one row of every step; launch with --num_processes <= {cfg.batch_size} or raise batch_size.")
     key = cfg.key(data, vlm.preset)
-    summary_file = out_dir / "summary.json"
-    if summary_file.is_file() and json.loads(summary_file.read_text()).get("key") == key:
-        return json.loads(summary_file.read_text())  # this exact run is complete
+    finished = finished_summary(out_dir, key)
+    if finished is not None:
+        return finished  # this exact run is complete and its files are intact
 
     torch.manual_seed(cfg.seed)
     model, params, reference = wrap_model(vlm, cfg)
@@ -603,8 +609,9 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
 
                 save_file(_trainable_state(model.trained), str(tmp / "llm.safetensors"))
             write_csv(pd.DataFrame(log), tmp / "losses.csv")
+            summary["files"] = file_hashes(tmp)  # checked before anything trusts them (resume, stages 03-05)
             write_json(tmp / "summary.json", summary)
-        for name in ("adapter", "llm.safetensors", "losses.csv", "summary.json"):
+        for name in RESULT_FILES:
             src, dst = out_dir / "result" / name, out_dir / name
             if dst.is_dir():
                 shutil.rmtree(dst)
@@ -615,6 +622,54 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
         shutil.rmtree(out_dir / "result", ignore_errors=True)
         shutil.rmtree(ckpt, ignore_errors=True)
     vlm.model = model.unload() if cfg.lora else vlm.model  # the base model again, for the next method
+    return summary
+
+
+RESULT_FILES = ("adapter", "llm.safetensors", "losses.csv", "summary.json")  # what train() leaves in a method's folder
+
+
+def method_problem(method_dir) -> str | None:
+    """None when a method's folder holds a finished run whose files (adapter or LLM weights, losses) still have the
+    content recorded in its summary.json when they were written; else what is wrong, naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    method_dir = Path(method_dir)
+    try:
+        summary = json.loads((method_dir / "summary.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{method_dir / 'summary.json'} is missing (the run did not finish)"
+    except (OSError, ValueError):
+        return f"{method_dir / 'summary.json'} is damaged"
+    files = summary.get("files") if isinstance(summary, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{method_dir / 'summary.json'} records no file hashes (written by an older tu)"
+    damaged = damaged_files(method_dir, files)
+    if damaged:
+        return f"{method_dir / damaged[0]} is missing or changed since it was written (SHA-256 differs)"
+    for name in files:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(str(method_dir / name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                return f"{method_dir / name} cannot be read ({e})"
+    return None
+
+
+def finished_summary(method_dir, key: str) -> dict | None:
+    """The summary of this exact run (same key) when it finished and its files are intact; a damaged finished
+    run is named and trained again."""
+    summary_file = Path(method_dir) / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or summary.get("key") != key:
+        return None
+    problem = method_problem(method_dir)
+    if problem:
+        print(f"{problem}: training {summary.get('method', Path(method_dir).name)} again")
+        return None
     return summary
 
 
@@ -711,8 +766,7 @@ def write_record(P: dict, data: UnlearnData, summaries: dict, checks: dict, star
     """run_record.json and check.json in out_dir (the adapters are already in out_dir/<method>/)."""
     from .params import resolve_path
 
-    out = resolve_path(P["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)
     write_json(out / "check.json", {k: {s: v[s] for s in ("t1_advbench", "v1_figstep")} for k, v in checks.items()})
     write_json(out / "run_record.json", run_record(
         P, data.inputs, started, seeds={"schedule": P["seed"]},
