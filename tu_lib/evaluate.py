@@ -77,7 +77,7 @@ SPEC = Spec(NOTEBOOK, [
     Param("v3_steps", (int,), None, "Adam steps that optimise each V3 adversarial image (the attack budget)", non_negative,
           profiled=True),
     Param("seed", (int,), 0, "seed of the V3 initialisation and the bootstrap", non_negative),
-    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
+    Param("dtype", (str,), "auto", "model dtype: auto (float32 on a CPU, bf16 on a GPU), float32 or bfloat16"),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
     Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading/VQA utility)",
           folder=True),

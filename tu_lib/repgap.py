@@ -320,7 +320,7 @@ def _spec():
         Param("batch_size", (int,), None, "prompts per batch (generation and hidden states)", positive, profiled=True),
         Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
         Param("seed", (int,), 0, "seed of the noise images, the probes' folds and the bootstrap", non_negative),
-        Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16"),
+        Param("dtype", (str,), "auto", "model dtype: auto (float32 on a CPU, bf16 on a GPU), float32 or bfloat16"),
         Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)",
               folder=True),
         Param("llava_images_dir", (str,), "", "folder with LLaVA-Bench-COCO images (paper presets' reading utility)",
