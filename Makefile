@@ -66,7 +66,8 @@ test: setup smoke-inputs
 	TU_PROGRESS=0 $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) $(NBVAL_FLAGS) -q --durations=15
 
 # The committed outputs checked as if on another CPU: the smoke copies from scratch (stage 01 included, caches
-# in runs/other-cpu) with the instruction set limited to AVX2. Fails first if torch did not take the limit.
+# in runs/other-cpu) with the instruction set limited to AVX2. Fails first if torch did not take the limit, and
+# after if a stage's run record does not say AVX2; the records are kept in runs/other-cpu/records/.
 test-other-cpu: setup
 	@$(OTHER_CPU) $(PY) -c 'import sys, torch; cap = torch.backends.cpu.get_cpu_capability(); \
 	  print("torch CPU capability with $(OTHER_CPU):", cap); \
@@ -75,10 +76,16 @@ test-other-cpu: setup
 	rm -rf $(SMOKE_OUTPUTS) runs/other-cpu
 	$(OTHER_CPU) $(MAKE) --no-print-directory smoke-inputs
 	@$(OTHER_CPU) TU_RUNS_DIR=$(CURDIR)/runs/other-cpu TU_PROGRESS=0 $(PY) -m pytest $(SMOKE_NBVAL) $(NBVAL_FLAGS) -q \
-	  --durations=10; status=$$?; rm -rf $(SMOKE_OUTPUTS); exit $$status
+	  --durations=10; status=$$?; \
+	$(PY) scripts/check_run_records.py --min 6 --expect cpu_capability=AVX2 runs/smoke/0[1-5]_*/run_record.json \
+	  runs/other-cpu/smoke/00_organism/run_record.json || status=1; \
+	mkdir -p runs/other-cpu/records; for r in runs/smoke/0[2-5]_*/run_record.json; do [ -f $$r ] && \
+	  cp $$r runs/other-cpu/records/$$(basename $$(dirname $$r)).json; done; \
+	rm -rf $(SMOKE_OUTPUTS); exit $$status
 
 # The same notebooks' code path with every model load_vlm loads in bfloat16 ($$TU_FORCE_DTYPE), executed with
-# papermill into runs/bf16/ (not compared with the committed outputs); the run records must say bfloat16.
+# papermill into runs/bf16/ (not compared with the committed outputs); the run records (kept in runs/bf16/records/)
+# must say the organism ran in bfloat16.
 # 00 is left out: it measures the organism's card, which is defined in float32 (it loads no model through load_vlm).
 test-bf16: setup smoke-inputs
 	rm -rf $(SMOKE_OUTPUTS) runs/bf16
@@ -88,11 +95,10 @@ test-bf16: setup smoke-inputs
 	  TU_FORCE_DTYPE=bfloat16 TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar $$nb runs/bf16/$$(basename $$nb) \
 	    || { status=1; break; }; \
 	done; \
-	[ $$status = 0 ] && $(PY) -c 'import glob, json, sys; \
-	  recs = {p: json.load(open(p))["compute"]["model_dtypes"] for p in sorted(glob.glob("runs/smoke/0[2-5]_*/run_record.json"))}; \
-	  bad = {p: d for p, d in recs.items() if d.get("organism") != ["bfloat16"]}; \
-	  print("run records (organism in bfloat16):", len(recs) - len(bad), "of", len(recs)); \
-	  sys.exit(f"not computed in bfloat16: {bad}" if bad or len(recs) < 4 else 0)' || status=1; \
+	[ $$status = 0 ] && $(PY) scripts/check_run_records.py --min 4 --expect model_dtypes.organism=bfloat16 \
+	  runs/smoke/0[2-5]_*/run_record.json || status=1; \
+	mkdir -p runs/bf16/records; for r in runs/smoke/0[2-5]_*/run_record.json; do [ -f $$r ] && \
+	  cp $$r runs/bf16/records/$$(basename $$(dirname $$r)).json; done; \
 	rm -rf $(SMOKE_OUTPUTS); exit $$status
 
 # A reviewer's check of a rerun (e.g. `make reproduce` on another machine): every figure CSV cell against the
