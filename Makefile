@@ -16,6 +16,14 @@ ASSIGNMENT := notebooks/06_assignment.ipynb
 PIPELINE := $(filter-out $(ASSIGNMENT),$(NOTEBOOKS))
 NBVAL_NOTEBOOKS := $(filter-out $(foreach n,$(SMOKE_ONLY),notebooks/$(n).ipynb),$(PIPELINE)) $(sort $(wildcard tests/nbval/*.smoke.ipynb)) \
   tests/nbval/06_assignment.solution.ipynb
+# the smoke copies and the assignment's solution copy: what `make test-other-cpu` and `make test-bf16` run
+SMOKE_NBVAL := $(filter tests/nbval/%,$(NBVAL_NOTEBOOKS))
+# what those runs write (stages 00, 02-05 of the smoke profile): cleared before and after them, so no cache
+# crosses between an emulated or bf16 run and `make test` (stage 01's smoke inputs are kept)
+SMOKE_OUTPUTS := runs/smoke/00_organism runs/smoke/02_unlearn runs/smoke/03_eval runs/smoke/04_cost runs/smoke/05_repgap
+# an older x86 instruction set on this machine: torch's own kernels, oneDNN and MKL limited to AVX2
+OTHER_CPU := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.cfg
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
@@ -23,11 +31,14 @@ export HF_DATASETS_OFFLINE ?= 1
 export MPLBACKEND := Agg
 export TU_PROGRESS ?= 1
 
-.PHONY: setup smoke-inputs reproduce test notebooks report organism organism-check clean help
+.PHONY: setup smoke-inputs reproduce test test-other-cpu test-bf16 compare notebooks report organism organism-check clean help
 
 help:
 	@echo "make reproduce   run every pipeline notebook (00-05) with papermill on profile '$(PROFILE)' (outputs in runs/, figures/)"
 	@echo "make test        unit tests + nbval over the committed notebooks"
+	@echo "make test-other-cpu  nbval over the smoke copies with torch/oneDNN/MKL limited to AVX2 (another CPU, emulated)"
+	@echo "make test-bf16   the smoke copies' code path with every model in bfloat16 (runs clean; numbers not compared)"
+	@echo "make compare     a rerun's figure CSVs against the committed ones, per cell (RERUN=dir COMMITTED=dir)"
 	@echo "make notebooks   re-execute the committed notebooks in place (refresh their stored outputs, README's results)"
 	@echo "make report      render the notebooks executed by the last 'make reproduce' as HTML in runs/report/"
 	@echo "make organism    rebuild the organism's trained parts and card in organism/ (30-45 min)"
@@ -52,8 +63,48 @@ reproduce: setup
 	@echo "executed notebooks: runs/notebooks/; figures: $(if $(filter default,$(PROFILE)),figures/,runs/$(PROFILE)/figures/); HTML: make report"
 
 test: setup smoke-inputs
-	TU_PROGRESS=0 $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) --nbval --nbval-current-env \
-	  --nbval-sanitize-with nbval_sanitize.cfg -q --durations=15
+	TU_PROGRESS=0 $(PY) -m pytest tests $(NBVAL_NOTEBOOKS) $(NBVAL_FLAGS) -q --durations=15
+
+# The committed outputs checked as if on another CPU: the smoke copies from scratch (stage 01 included, caches
+# in runs/other-cpu) with the instruction set limited to AVX2. Fails first if torch did not take the limit, and
+# after if a stage's run record does not say AVX2; the records are kept in runs/other-cpu/records/.
+test-other-cpu: setup
+	@$(OTHER_CPU) $(PY) -c 'import sys, torch; cap = torch.backends.cpu.get_cpu_capability(); \
+	  print("torch CPU capability with $(OTHER_CPU):", cap); \
+	  sys.exit(0 if cap == "AVX2" else f"ATEN_CPU_CAPABILITY=avx2 did not take effect (torch reports {cap!r}): " \
+	  "the emulation needs an x86-64 CPU with AVX2; without it this check would prove nothing, so it stops here.")'
+	rm -rf $(SMOKE_OUTPUTS) runs/other-cpu
+	$(OTHER_CPU) $(MAKE) --no-print-directory smoke-inputs
+	@$(OTHER_CPU) TU_RUNS_DIR=$(CURDIR)/runs/other-cpu TU_PROGRESS=0 $(PY) -m pytest $(SMOKE_NBVAL) $(NBVAL_FLAGS) -q \
+	  --durations=10; status=$$?; \
+	$(PY) scripts/check_run_records.py --min 6 --expect cpu_capability=AVX2 runs/smoke/0[1-5]_*/run_record.json \
+	  runs/other-cpu/smoke/00_organism/run_record.json || status=1; \
+	mkdir -p runs/other-cpu/records; for r in runs/smoke/0[2-5]_*/run_record.json; do [ -f $$r ] && \
+	  cp $$r runs/other-cpu/records/$$(basename $$(dirname $$r)).json; done; \
+	rm -rf $(SMOKE_OUTPUTS); exit $$status
+
+# The same notebooks' code path with every model load_vlm loads in bfloat16 ($$TU_FORCE_DTYPE), executed with
+# papermill into runs/bf16/ (not compared with the committed outputs); the run records (kept in runs/bf16/records/)
+# must say the organism ran in bfloat16.
+# 00 is left out: it measures the organism's card, which is defined in float32 (it loads no model through load_vlm).
+test-bf16: setup smoke-inputs
+	rm -rf $(SMOKE_OUTPUTS) runs/bf16
+	@mkdir -p runs/bf16; status=0; \
+	for nb in $(filter-out tests/nbval/00_organism.smoke.ipynb,$(SMOKE_NBVAL)); do \
+	  echo "== $$nb (bfloat16)"; \
+	  TU_FORCE_DTYPE=bfloat16 TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar $$nb runs/bf16/$$(basename $$nb) \
+	    || { status=1; break; }; \
+	done; \
+	[ $$status = 0 ] && $(PY) scripts/check_run_records.py --min 4 --expect model_dtypes.organism=bfloat16 \
+	  runs/smoke/0[2-5]_*/run_record.json || status=1; \
+	mkdir -p runs/bf16/records; for r in runs/smoke/0[2-5]_*/run_record.json; do [ -f $$r ] && \
+	  cp $$r runs/bf16/records/$$(basename $$(dirname $$r)).json; done; \
+	rm -rf $(SMOKE_OUTPUTS); exit $$status
+
+# A reviewer's check of a rerun (e.g. `make reproduce` on another machine): every figure CSV cell against the
+# committed one (rates inside their committed 95% CI; other columns by the rule tu_lib/report.py states).
+compare: setup
+	$(PY) -m tu_lib.report compare $(if $(RERUN),--rerun $(RERUN)) $(if $(COMMITTED),--committed $(COMMITTED))
 
 # stage 01 on the smoke profile: the input of the smoke copies of later stages (tests/nbval/*.smoke.ipynb)
 smoke-inputs: setup

@@ -12,3 +12,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def micro():
+    """The tiny random LLaVA loaded exactly as the code under test loads it (`load_vlm("micro")`, dtype auto:
+    float32 on a CPU), so a fixture never compares one dtype with another by accident."""
+    from tu_lib import models
+
+    return models.load_vlm("micro")

@@ -19,7 +19,7 @@ ANSWERS = ["Readers borrow books with a card and return them later.", "Air scatt
 @pytest.fixture(scope="module")
 def organism(one_torch_thread):
     try:
-        return M.load_vlm("organism", dtype="float32")
+        return M.load_vlm("organism")  # as notebook 04 loads it (dtype auto: float32 on a CPU)
     except TuError as e:  # the backbone comes from a PyPI package; without it there is nothing to count
         pytest.skip(f"organism unavailable: {e}")
 

@@ -78,11 +78,6 @@ def test_a_missing_sentence_encoder_is_reported_before_loading_a_model(tmp_path,
     evaluate.check_inputs({**P, "judges": ["refusal_keywords", "fluency"]})  # judges without the encoder: fine
 
 
-@pytest.fixture(scope="module")
-def micro():
-    return models.load_vlm("micro")
-
-
 def test_v3_optimisation_moves_features_towards_the_phrase(micro):
     phrases = ["Steps to paint a fence.", "List of garden tools."]
     images, stats = adversarial.optimise_images(micro, phrases, steps=30, lr=0.05)
@@ -108,9 +103,10 @@ def test_v3_cache_reuses_images_and_keys_on_the_vision_weights(micro, tmp_path, 
     monkeypatch.setattr(adversarial, "optimise_images", lambda *a, **k: pytest.fail("cached image must be reused"))
     again, again_stats = adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=3)
     assert again_stats == stats and np.array_equal(np.asarray(first[0]), np.asarray(again[0]))
-    other = models.load_vlm("micro", seed=1)   # other vision weights: the cached image must not be served
-    with pytest.raises(pytest.fail.Exception, match="must be reused"):
-        adversarial.cached_images(other, ["Steps to paint a fence."], tmp_path, steps=3)
+    # other vision weights, or the same weights in another dtype: the cached image must not be served
+    for other in (models.load_vlm("micro", seed=1), models.load_vlm("micro", dtype="bfloat16")):
+        with pytest.raises(pytest.fail.Exception, match="must be reused"):
+            adversarial.cached_images(other, ["Steps to paint a fence."], tmp_path, steps=3)
     with pytest.raises(pytest.fail.Exception, match="must be reused"):   # another budget is another key too
         adversarial.cached_images(micro, ["Steps to paint a fence."], tmp_path, steps=4)
 

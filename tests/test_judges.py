@@ -260,3 +260,10 @@ def test_pyrit_features_are_cached_on_disk_and_recomputed_when_unreadable(encode
     monkeypatch.setattr(J, "FEATURES_VERSION", J.FEATURES_VERSION + 1)
     features(encoder)
     assert len(list((tmp_path / "cache").glob("harmfulness_features-*.npy"))) == 2  # a new recipe is a new key
+    import copy
+
+    import torch
+
+    monkeypatch.setattr(encoder, "model", copy.deepcopy(encoder.model).to(torch.bfloat16))
+    features(encoder)
+    assert len(list((tmp_path / "cache").glob("harmfulness_features-*.npy"))) == 3  # the encoder in another dtype too

@@ -34,11 +34,6 @@ NEUTRAL_ANSWERS = ["Mix flour, water, yeast and salt, knead the dough for ten mi
 
 
 @pytest.fixture(scope="module")
-def micro():
-    return M.load_vlm("micro", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def harm():
     return J.fitted_harmfulness_judge()
 
@@ -296,8 +291,9 @@ def test_weights_fingerprint_follows_the_weights_and_adapters(micro, tmp_path):
     base = G.weights_fingerprint(micro.model)
     assert base == G.weights_fingerprint(micro.model)
     assert base != G.weights_fingerprint(M.load_vlm("micro", seed=1).model)
-    other = M.load_vlm("micro")
+    other = M.load_vlm("micro")  # loaded as the fixture is: the same dtype, the same fingerprint
     assert G.weights_fingerprint(other.model) == base
+    assert G.weights_fingerprint(M.load_vlm("micro", dtype="bfloat16").model) != base  # same seed, other dtype
     with torch.no_grad():
         next(p for n, p in other.model.named_parameters() if "layers.1." in n).view(-1)[-1] += 1e-3  # one value, deep inside
     assert G.weights_fingerprint(other.model) != base

@@ -10,11 +10,6 @@ from tu_lib.core import TuError
 from tu_lib.likelihood import continuation_logprobs
 
 
-@pytest.fixture(scope="module")
-def micro():
-    return M.load_vlm("micro", dtype="float32")
-
-
 def _plain(model, prompt, cont):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([prompt + cont])).logits[0].float(), -1)

@@ -43,11 +43,6 @@ def _lora_modules(model):
 
 
 @pytest.fixture(scope="module")
-def micro():
-    return M.load_vlm("micro", dtype="float32")
-
-
-@pytest.fixture(scope="module")
 def tiny_llava_dir(tmp_path_factory):
     return M.save_tiny_llava15_checkpoint(tmp_path_factory.mktemp("llava") / "llava-1.5-7b-hf")
 
@@ -392,15 +387,29 @@ def test_local_dir_must_be_a_safetensors_llava(tmp_path, tiny_llava_dir, no_hub)
         M.load_vlm("llava-1.5-7b", local_dir=pickled)
 
 
-def test_resolve_dtype(monkeypatch):
+def test_auto_is_float32_on_any_cpu_and_bf16_only_on_a_gpu_or_when_asked(monkeypatch):
     assert M.resolve_dtype("float32") == torch.float32 and M.resolve_dtype("bfloat16") == torch.bfloat16
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert M.resolve_dtype("auto") == torch.bfloat16 == M.default_dtype()
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert M.resolve_dtype("auto") == torch.float32
+    for fast in (True, False):  # a CPU with AMX / AVX512-BF16 or without: the same float32, the same numbers
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: fast)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast)
+        assert M.cpu_has_fast_bf16() is fast
+        assert M.resolve_dtype("auto") == M.default_dtype() == M.resolve_dtype("auto", "cpu") == torch.float32
+    for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+        assert M.resolve_dtype("auto", "cuda:0") == want
     with pytest.raises(ParameterError):
         M.resolve_dtype("half")
+
+
+def test_tu_force_dtype_replaces_every_dtype_and_says_so(monkeypatch):
+    monkeypatch.setenv("TU_FORCE_DTYPE", "bfloat16")
+    with pytest.warns(UserWarning, match="TU_FORCE_DTYPE=bfloat16 replaces dtype='float32'"):
+        assert M.load_vlm("micro", dtype="float32").dtype == torch.bfloat16
+    monkeypatch.setenv("TU_FORCE_DTYPE", "half")
+    with pytest.raises(ParameterError, match="must be float32 or bfloat16.*unset it"):
+        M.load_vlm("micro")
+    monkeypatch.delenv("TU_FORCE_DTYPE")
+    assert M.load_vlm("micro").dtype == torch.float32
 
 
 def test_organism_is_delegated_lazily(monkeypatch):

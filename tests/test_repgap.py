@@ -15,11 +15,6 @@ PROMPTS = ["Describe how a library lends books.", "Explain why the sky looks blu
            "List three uses of a garden hose.", "Say how bread rises in an oven."]
 
 
-@pytest.fixture(scope="module")
-def micro():
-    return M.load_vlm("micro", dtype="float32")
-
-
 def _blank(vlm):
     size = vlm.base_model.config.vision_config.image_size
     return Image.new("RGB", (size, size), "white")

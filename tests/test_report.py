@@ -62,3 +62,107 @@ def test_html_report_of_executed_notebooks(tmp_path):
     assert page.count("<figure>") == 1
     with pytest.raises(TuError, match="make reproduce"):
         report.render_report(tmp_path / "empty", tmp_path / "r2")
+
+
+def _figures_copy(folder):
+    folder.mkdir()
+    for p in (repo_root() / "figures").glob("*.csv"):
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def _edit(path, match, column, value):
+    import pandas as pd
+
+    df = pd.read_csv(path)
+    rows = [i for i, r in df.iterrows() if all(str(r[k]) == str(v) for k, v in match.items())]
+    assert len(rows) == 1, rows
+    df[column] = df[column].astype(object)
+    df.loc[rows[0], column] = value
+    df.to_csv(path, index=False, lineterminator="\n")
+
+
+def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns():
+    import pandas as pd
+
+    for p in sorted((repo_root() / "figures").glob("*.csv")):
+        rule = report.COMPARE_RULES.get(p.stem)
+        assert rule is not None, f"{p.name} has no comparison rule in tu_lib.report.COMPARE_RULES"
+        assert set(pd.read_csv(p).columns) == rule.columns(), p.name
+        assert not rule.skip or rule.why, f"{p.name}: columns left uncompared need their reason"
+
+
+def test_compare_passes_a_rerun_inside_and_fails_each_kind_of_cell_outside(tmp_path, capsys):
+    committed, rerun = _figures_copy(tmp_path / "committed"), _figures_copy(tmp_path / "rerun")
+    # inside: a rate moved within its committed CI (base, T1, keywords: 0.02 [0.00, 0.06])
+    key = {"method": "base", "set": "t1_advbench", "metric": "asr", "judge": "refusal_keywords"}
+    _edit(rerun / "03_eval_asr.csv", key, "rate", 0.06)
+    assert report.compare_figures(rerun, committed)
+    out = capsys.readouterr().out
+    assert ("method=base set=t1_advbench metric=asr judge=refusal_keywords judge_version=refusal_keywords/gcg-29@1 | "
+            "rate: committed 0.02 [0, 0.06], rerun 0.06 — inside committed 95% CI: ok") in out
+    assert "03_eval_asr.csv: 290 / 0" in out and "all cells pass" in out
+    outside = [  # (file, row, column, value): one cell outside its rule each
+        ("03_eval_asr", key, "rate", 0.08),                                            # just past the CI's end
+        ("05_repgap_alpha", {"panel": "degenerate answers (all sets)", "line": "base + CMRM (dataset)", "alpha": 1.0},
+         "rate", 2 / 48),                                                              # pooled, no CI: one item more
+        ("01_data_counts", {"set": "t1_advbench", "category": "Autonomy"}, "n_category", 15),   # a count
+        ("02_unlearn_losses", {"method": "textual_ga", "term": "forget_nll", "step": 1}, "value", 1.2129 + 0.003),
+        ("04_cost_steps", {"method": "textual_ga", "repeat": 0, "step": 1}, "gflop", 397.8371),
+    ]
+    for name, match, column, value in outside:
+        shutil.copy(committed / f"{name}.csv", rerun / f"{name}.csv")
+        _edit(rerun / f"{name}.csv", match, column, value)
+    _edit(rerun / "04_cost_steps.csv", {"method": "textual_ga", "repeat": 0, "step": 2}, "seconds", 99.0)  # not compared
+    assert not report.compare_figures(rerun, committed, outside_only=True)
+    out = capsys.readouterr().out
+    failing = [line for line in out.splitlines() if line.endswith("OUTSIDE")]
+    assert len(failing) == len(outside), failing
+    assert "rate: committed 0.02 [0, 0.06], rerun 0.08 — inside committed 95% CI: OUTSIDE" in out
+    assert "rate: committed 0.0208333 (no CI), rerun 0.0416667 — items apart 1 <= 0: OUTSIDE" in out
+    assert "| value: committed 1.2129, rerun 1.2159 — |diff| 0.003 <= 0.00254: OUTSIDE" in out
+    assert "seconds" not in "".join(failing)
+    # a row the rerun lacks is outside too
+    import pandas as pd
+
+    df = pd.read_csv(committed / "04_cost_ratio.csv")
+    for name in ("03_eval_asr", "05_repgap_alpha", "01_data_counts", "02_unlearn_losses", "04_cost_steps"):
+        shutil.copy(committed / f"{name}.csv", rerun / f"{name}.csv")
+    df.iloc[1:].to_csv(rerun / "04_cost_ratio.csv", index=False)
+    assert not report.compare_figures(rerun, committed, outside_only=True)
+    assert "(row): committed present, rerun absent — row in both: OUTSIDE" in capsys.readouterr().out
+
+
+def test_compare_reads_git_head_when_the_rerun_overwrote_the_committed_folder(tmp_path, capsys):
+    import subprocess
+
+    figs = tmp_path / "figures"
+    figs.mkdir()
+    shutil.copy(repo_root() / "figures" / "03_eval_asr.csv", figs / "03_eval_asr.csv")
+    for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "figures"]):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True)
+    assert report.compare_figures(figs, figs, root=tmp_path)
+    assert "(git HEAD)" in capsys.readouterr().out
+    _edit(figs / "03_eval_asr.csv", {"method": "mm_sft", "set": "v1_figstep", "metric": "asr", "judge": "refusal_keywords"},
+          "rate", 0.5)  # the rerun's file on disk; HEAD keeps the committed 0.00 [0.00, 0.00]
+    assert not report.compare_figures(figs, figs, root=tmp_path)
+    assert "rate: committed 0 [0, 0], rerun 0.5 — inside committed 95% CI: OUTSIDE" in capsys.readouterr().out
+
+
+def test_compare_command_exits_non_zero_when_a_cell_is_outside_and_says_what_to_pass(tmp_path):
+    committed, rerun = _figures_copy(tmp_path / "committed"), tmp_path / "rerun"
+    rerun.mkdir()
+    shutil.copy(committed / "05_repgap_alpha.csv", rerun / "05_repgap_alpha.csv")
+    with pytest.raises(SystemExit) as e:
+        report.main(["compare", "--rerun", str(rerun), "--committed", str(committed)])
+    assert e.value.code == 0
+    _edit(rerun / "05_repgap_alpha.csv", {"panel": "V1 FigStep: ASR (keywords)", "line": "base + CMRM (dataset)", "alpha": 0.0},
+          "rate", 0.8)  # committed 0.50 [0.25, 0.75]
+    with pytest.raises(SystemExit) as e:
+        report.main(["compare", "--rerun", str(rerun), "--committed", str(committed), "--outside-only"])
+    assert e.value.code == 1
+    with pytest.raises(SystemExit, match="does not exist: pass --rerun DIR"):
+        report.main(["compare", "--rerun", str(tmp_path / "nowhere"), "--committed", str(committed)])
+    (rerun / "05_repgap_alpha.csv").rename(rerun / "other.csv")
+    with pytest.raises(SystemExit, match="No figure CSV of the rerun"):
+        report.main(["compare", "--rerun", str(rerun), "--committed", str(committed)])

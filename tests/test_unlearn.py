@@ -1,6 +1,7 @@
 """Stage 02 (unlearning) on the `micro` preset: resumable training that ends bit-identical, each loss term
 moving the way the recipe says, LoRA on the LLM only, and bad input refused before any training."""
 import hashlib
+import json
 import shutil
 
 import pytest
@@ -52,15 +53,24 @@ def adapter_hash(path):
     return hashlib.sha256((path / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()
 
 
-def test_forget_answers_are_generated_once_and_cached(stage01, tmp_path, monkeypatch):
+def test_forget_answers_are_generated_once_and_cached_per_weights_and_dtype(stage01, tmp_path, monkeypatch):
+    from tu_lib import generate
+
     vlm = models.load_vlm("micro")
     P = params(stage01, tmp_path, n_forget=5)
     first = unlearn.prepare_data(vlm, P)
     assert len(first.forget) == 5 and all(r["answer"] is not None for r in first.forget)
-    monkeypatch.setattr(unlearn, "pre_alignment_model", lambda v: pytest.fail("cached answers must not be regenerated"))
+    real_generate = generate.generate
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: pytest.fail("cached answers must not be regenerated"))
     again = unlearn.prepare_data(vlm, P)
     assert again.forget == first.forget
     assert len(first.mismatch_answers) > len(first.normal)  # best + correct + incorrect answers pooled
+    for other in (models.load_vlm("micro", dtype="bfloat16"), models.load_vlm("micro", seed=1)):  # not what wrote them
+        with pytest.raises(pytest.fail.Exception, match="must not be regenerated"):
+            unlearn.prepare_data(other, P)
+    monkeypatch.setattr(generate, "generate", real_generate)
+    unlearn.prepare_data(models.load_vlm("micro", dtype="bfloat16"), P)
+    assert len(list((tmp_path / "02").glob("forget_answers_micro-*.jsonl"))) == 2  # each dtype its own cache
 
 
 def test_paper_presets_need_forget_answers_from_stage01(stage01):
@@ -126,6 +136,15 @@ def test_a_damaged_forget_answers_cache_is_regenerated(stage01, tmp_path, capsys
     again = unlearn.prepare_data(vlm, P)
     assert "does not match the SHA-256 recorded" in capsys.readouterr().out
     assert again.forget == first.forget and "edited" not in {r["answer"] for r in read_jsonl(cache)}
+
+
+def test_a_finished_run_is_not_reused_for_other_weights_or_another_dtype(micro_data, tmp_path):
+    vlm, data = micro_data
+    first = unlearn.train(vlm, data, cfg(steps=2), tmp_path / "run")
+    assert unlearn.train(vlm, data, cfg(steps=2), tmp_path / "run")["key"] == first["key"]  # the same run: reused
+    bf16 = unlearn.train(models.load_vlm("micro", dtype="bfloat16"), data, cfg(steps=2), tmp_path / "run")
+    assert bf16["key"] != first["key"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["key"] == bf16["key"]  # trained again
 
 
 def _losses(path):

@@ -5,7 +5,7 @@ projector — matches what it receives from a typographic image of a harmful phr
 instruction ("The image shows a request. Carry it out…"). The picture no longer shows readable text to a filter, yet
 the LLM is handed the phrase. White-box on the vision path of any preset. Textual unlearning and the SFT baselines
 only update the LLM, so one set of images (optimised against the base model's frozen vision path) serves every
-method; the cache key holds the vision weights' hash to keep that honest.
+method; the cache key holds the vision weights' fingerprint (dtype included) to keep that honest.
 """
 from __future__ import annotations
 
@@ -39,14 +39,12 @@ def projected_features(vlm, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def vision_fingerprint(vlm) -> str:
-    """Hash of the vision tower and projector weights (the part V3 images are optimised against)."""
-    h = hashlib.sha256()
+    """Fingerprint of the vision tower and projector weights, dtype included (the part V3 images are optimised
+    against, in the dtype they were optimised in)."""
+    from .generate import weights_fingerprint
+
     base = vlm.base_model
-    for module in (base.model.vision_tower, base.model.multi_modal_projector):
-        for name, t in sorted(module.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(torch.nn.ModuleList([base.model.vision_tower, base.model.multi_modal_projector]))
 
 
 def _phrase_seed(phrase: str, seed: int) -> int:
@@ -96,7 +94,7 @@ def optimise_images(vlm, phrases: list[str], *, steps: int = 200, lr: float = 0.
 
 
 def cached_images(vlm, phrases: list[str], cache_dir, *, steps: int, lr: float = 0.02, seed: int = 0):
-    """optimise_images with a PNG cache keyed by the vision weights, phrase, budget and seed. Each image's
+    """optimise_images with a PNG cache keyed by the vision weights and dtype, phrase, budget and seed. Each image's
     optimisation stats are kept beside it (JSON), so a rerun that hits the cache reports the same facts."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

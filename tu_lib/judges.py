@@ -700,12 +700,15 @@ def _pyrit_objective_rows(data_dir=None) -> tuple[list[str], list[str], np.ndarr
 @functools.lru_cache(maxsize=2)
 def _pyrit_objective_features(encoder: SentenceEncoder) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(X, y, groups) of the pyrit rows, encoded once per encoder: fitting and cross-validation share them.
-    Encoding takes ~35 s, so X is also kept in <runs>/cache/, keyed by the rows' hash and the encoder's
-    identity (a changed file, encoder version or window is a new key; delete the folder to recompute)."""
+    Encoding takes ~35 s, so X is also kept in <runs>/cache/, keyed by the rows' hash, the encoder's identity
+    and its weights fingerprint (dtype included): a changed file, encoder version, window, weights or dtype is
+    a new key; delete the folder to recompute."""
     from .core import runs_dir, sha256_text
+    from .generate import weights_fingerprint
 
     inst, ans, labels, card = _pyrit_objective_rows()
-    key = sha256_text(json.dumps([card["sha256"], encoder.info(), FEATURES_VERSION], sort_keys=True))[:16]
+    key = sha256_text(json.dumps([card["sha256"], encoder.info(), weights_fingerprint(encoder.model), FEATURES_VERSION],
+                                 sort_keys=True))[:16]
     path = runs_dir() / "cache" / f"harmfulness_features-{key}.npy"
     try:
         X = np.load(path)

