@@ -82,10 +82,12 @@ def _edit(path, match, column, value):
     df.to_csv(path, index=False, lineterminator="\n")
 
 
-def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns():
+@pytest.mark.parametrize("folder", ["figures", "tests/nbval/smoke_figures"])
+def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns(folder):
     import pandas as pd
 
-    for p in sorted((repo_root() / "figures").glob("*.csv")):
+    assert sorted((repo_root() / folder).glob("*.csv"))
+    for p in sorted((repo_root() / folder).glob("*.csv")):
         rule = report.COMPARE_RULES.get(p.stem)
         assert rule is not None, f"{p.name} has no comparison rule in tu_lib.report.COMPARE_RULES"
         assert set(pd.read_csv(p).columns) == rule.columns(), p.name
@@ -166,3 +168,41 @@ def test_compare_command_exits_non_zero_when_a_cell_is_outside_and_says_what_to_
     (rerun / "05_repgap_alpha.csv").rename(rerun / "other.csv")
     with pytest.raises(SystemExit, match="No figure CSV of the rerun"):
         report.main(["compare", "--rerun", str(rerun), "--committed", str(committed)])
+
+
+def test_items_tolerance_passes_one_flipped_answer_and_nothing_more(tmp_path, capsys):
+    """The smoke comparison's --items 1: a rate one item from the committed count passes even when its CI is [0, 0];
+    two items apart fail."""
+    committed, rerun = _figures_copy(tmp_path / "committed"), _figures_copy(tmp_path / "rerun")
+    key = {"method": "mm_sft", "set": "v1_figstep", "metric": "asr", "judge": "refusal_keywords"}  # 0.00 [0.00, 0.00], n 50
+    _edit(rerun / "03_eval_asr.csv", key, "rate", 1 / 50)
+    assert not report.compare_figures(rerun, committed, outside_only=True)  # CI only: one item is outside [0, 0]
+    assert report.compare_figures(rerun, committed, items=1)
+    assert "inside committed 95% CI or items apart 1 <= 1: ok" in capsys.readouterr().out
+    _edit(rerun / "03_eval_asr.csv", key, "rate", 2 / 50)
+    assert not report.compare_figures(rerun, committed, items=1, outside_only=True)
+    assert "items apart 2 <= 1: OUTSIDE" in capsys.readouterr().out
+
+
+def test_the_loosened_comparisons_still_catch_real_changes(tmp_path, capsys):
+    """Mutations a reviewer would want caught, applied to the committed figures and compared with the smoke run's
+    tolerance (--items 1): a refusal judge that never refuses, and gradient ascent with the wrong sign."""
+    import pandas as pd
+
+    committed = _figures_copy(tmp_path / "committed")
+    never_refuses = _figures_copy(tmp_path / "never_refuses")
+    asr = pd.read_csv(committed / "03_eval_asr.csv")
+    keyword = asr["judge"] == "refusal_keywords"
+    asr.loc[keyword & (asr["metric"] == "asr"), "rate"] = 1.0            # every attack "succeeds"
+    asr.loc[keyword & (asr["metric"] == "over_refusal"), "rate"] = 0.0   # and no safe prompt is refused
+    asr.to_csv(never_refuses / "03_eval_asr.csv", index=False, lineterminator="\n")
+    assert not report.compare_figures(never_refuses, committed, items=1, outside_only=True)
+    out = capsys.readouterr().out
+    assert out.count("OUTSIDE") > 20, out[-2000:]
+    flipped = _figures_copy(tmp_path / "flipped")
+    losses = pd.read_csv(committed / "02_unlearn_losses.csv")
+    ascent = (losses["method"].isin(["textual_ga", "multimodal_ga"])) & (losses["term"] == "loss") & (losses["step"] > 1)
+    losses.loc[ascent, "value"] = -losses.loc[ascent, "value"]  # the trajectory of a descent on the forget answers
+    losses.to_csv(flipped / "02_unlearn_losses.csv", index=False, lineterminator="\n")
+    assert not report.compare_figures(flipped, committed, items=1, outside_only=True)
+    assert "02_unlearn_losses.csv: " in capsys.readouterr().out
