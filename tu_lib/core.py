@@ -221,7 +221,8 @@ def check_output_dir(folder: str | os.PathLike, stage: str, name: str = "out_dir
     `shown` is the value as the user gave it, for the message."""
     problem = output_dir_problem(folder, stage)
     if problem:
-        raise ParameterError(f"{name}={shown if shown is not None else str(folder)!r} {problem}: stage {stage} writes only into a new folder, an empty "
+        given = shown if shown is not None else str(folder)
+        raise ParameterError(f"{name}={given!r} {problem}: stage {stage} writes only into a new folder, an empty "
                              f"one or its own earlier output (marked by {OUTPUT_MARKER}). Pass another {name}, e.g. "
                              f"`-p {name} runs/my_{stage}`.")
     return Path(folder)
@@ -232,8 +233,12 @@ def claim_output_dir(folder: str | os.PathLike, stage: str, name: str = "out_dir
     folder = check_output_dir(folder, stage, name)
     folder.mkdir(parents=True, exist_ok=True)
     if output_owner(folder) != stage:
-        write_json(folder / OUTPUT_MARKER, {"stage": stage, "written_by": "tu"})
+        _mark(folder, stage)
     return folder
+
+
+def _mark(folder: Path, stage: str) -> None:
+    write_json(folder / OUTPUT_MARKER, {"stage": stage, "written_by": "tu"})
 
 
 @contextlib.contextmanager
@@ -251,7 +256,7 @@ def atomic_dir(final: str | os.PathLike, stage: str | None = None) -> Iterator[P
         yield scratch
         if stage is not None:
             check_output_dir(final, stage)  # still ours after the work (nothing else wrote there meanwhile)
-            write_json(scratch / OUTPUT_MARKER, {"stage": stage, "written_by": "tu"})
+            _mark(scratch, stage)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
