@@ -28,9 +28,9 @@ NBVAL_FLAGS := --nbval --nbval-current-env --nbval-sanitize-with nbval_sanitize.
 # last digits) are nbval-ignore-output in the smoke copies; their numbers are compared here instead, through the
 # figure CSVs the nbval run wrote, against those committed in tests/nbval/smoke_figures/: rates inside the committed
 # 95% CI or within SMOKE_ITEMS items (a smoke set has 3 items: a CI at 0% is [0, 0]), model floats within 0.1% of
-# their series, counts exact (tu_lib/report.py COMPARE_RULES)
+# their series, counts exact (tu_lib/stages/report.py COMPARE_RULES)
 SMOKE_ITEMS := 1
-SMOKE_COMPARE := $(PY) -m tu_lib.report compare --rerun runs/smoke/figures --committed tests/nbval/smoke_figures \
+SMOKE_COMPARE := $(PY) -m tu_lib.stages.report compare --rerun runs/smoke/figures --committed tests/nbval/smoke_figures \
   --items $(SMOKE_ITEMS) --outside-only
 export PYTHONHASHSEED := 0
 export TOKENIZERS_PARALLELISM := false
@@ -112,9 +112,9 @@ test-bf16: setup smoke-inputs
 	rm -rf $(SMOKE_OUTPUTS); exit $$status
 
 # A reviewer's check of a rerun (e.g. `make reproduce` on another machine): every figure CSV cell against the
-# committed one (rates inside their committed 95% CI; other columns by the rule tu_lib/report.py states).
+# committed one (rates inside their committed 95% CI; other columns by the rule tu_lib/stages/report.py states).
 compare: setup
-	$(PY) -m tu_lib.report compare $(if $(RERUN),--rerun $(RERUN)) $(if $(COMMITTED),--committed $(COMMITTED))
+	$(PY) -m tu_lib.stages.report compare $(if $(RERUN),--rerun $(RERUN)) $(if $(COMMITTED),--committed $(COMMITTED))
 
 # stage 01 on the smoke profile: the input of the smoke copies of later stages (tests/nbval/*.smoke.ipynb)
 smoke-inputs: setup
@@ -133,10 +133,10 @@ notebooks: setup smoke-inputs
 	done
 	TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar $(ASSIGNMENT) tests/nbval/06_assignment.solution.ipynb -p solution True
 	rm -rf tests/nbval/smoke_figures && mkdir -p tests/nbval/smoke_figures && cp runs/smoke/figures/*.csv tests/nbval/smoke_figures/
-	$(PY) -m tu_lib.report readme
+	$(PY) -m tu_lib.stages.report readme
 
 report: setup
-	$(PY) -m tu_lib.report html
+	$(PY) -m tu_lib.stages.report html
 
 organism: setup
 	@mkdir -p runs/notebooks
@@ -146,7 +146,7 @@ organism-check: setup
 	@mkdir -p runs/notebooks
 	$(VENV)/bin/papermill --no-progress-bar notebooks/00_organism.ipynb runs/notebooks/00_organism.check.ipynb \
 	  -p rebuild True -p parts_dir runs/organism_rebuild -p fig_dir runs/organism_rebuild_figures
-	$(PY) -m tu_lib.organism compare organism/card.json runs/organism_rebuild/card.json
+	$(PY) -m tu_lib.stages.organism compare organism/card.json runs/organism_rebuild/card.json
 
 clean:
 	rm -rf runs .pytest_cache

@@ -21,9 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tu_lib.generate import generate, generate_per_sample  # noqa: E402
-from tu_lib.models import _neutral_corpus, load_vlm  # noqa: E402
-from tu_lib.render import FIGSTEP_TEXT_PROMPT  # noqa: E402
+from tu_lib.models import load_vlm
+from tu_lib.models.generate import generate, generate_per_sample  # noqa: E402
+from tu_lib.models.presets.micro import neutral_corpus  # noqa: E402
+from tu_lib.render.pages import FIGSTEP_TEXT_PROMPT  # noqa: E402
 
 
 def _rows(path: Path, n: int) -> list[dict]:
@@ -40,7 +41,7 @@ def inputs(vlm, n: int) -> tuple[list[str], list, str]:
         titles = [r["image_text"] for r in _rows(sets / "v1_figstep.jsonl", n_image)]
         source = "runs/01_data (t1_advbench, v1_figstep)"
     else:
-        corpus = _neutral_corpus()
+        corpus = neutral_corpus()
         prompts = corpus[:n_text]
         titles = [f"Steps to {s.split(' ', 2)[-1].rstrip('.')}." for s in corpus[n_text:n_text + n_image]]
         source = "neutral generated prompts (runs/01_data missing)"

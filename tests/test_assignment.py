@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from notebook_helpers import code_cells
-from tu_lib import assignment as A
+
 from tu_lib.core import ParameterError, repo_root
+from tu_lib.stages import assignment as A
 
 
 def _states(seed=0, n=12, d=32):

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from tu_lib import core, curate, organism, params, stats
-from tu_lib.core import OUTPUT_MARKER, ParameterError, TuError, repo_root
-
 from notebook_helpers import code_cells, finished_method_run
+
+from tu_lib import core
+from tu_lib.core import OUTPUT_MARKER, ParameterError, TuError, params, repo_root, stats
+from tu_lib.data import curation as curate
+from tu_lib.models.presets import organism as presets_organism
+from tu_lib.stages import organism
+from tu_lib.training import organism as training_organism
 
 ROOT = repo_root()
 NOTEBOOKS = ROOT / "notebooks"
@@ -153,7 +156,7 @@ CASES = [
 @pytest.mark.parametrize("notebook,overrides,message", CASES,
                          ids=[f"{nb}-{'-'.join(f'{k}' for k in o if k != 'profile')}-{i}" for i, (nb, o, _) in enumerate(CASES)])
 def test_bad_input_is_refused_before_any_work_with_nothing_written(notebook, overrides, message, folders, capsys):
-    watched = (folders, ROOT / "runs", ROOT / "figures", ROOT / "organism", ROOT / "data", organism.cache_dir())
+    watched = (folders, ROOT / "runs", ROOT / "figures", ROOT / "organism", ROOT / "data", core.cache_dir())
     before = snapshot(*watched)
     started = time.perf_counter()
     with pytest.raises((TuError, ParameterError)) as err:
@@ -232,9 +235,9 @@ def test_output_folder_rules(tmp_path):
 
 def test_the_organism_rebuild_refuses_a_foreign_parts_dir_before_training(tmp_path, monkeypatch):
     (tmp_path / "keep.txt").write_text("hi")
-    monkeypatch.setattr(organism, "organism_sets", lambda cfg: pytest.fail("no work may start"))
+    monkeypatch.setattr(training_organism, "organism_sets", lambda cfg: pytest.fail("no work may start"))
     with pytest.raises(ParameterError, match="parts_dir=.* already holds files"):
-        organism.build(out_dir=tmp_path)
+        training_organism.build(out_dir=tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "hi"
 
 
@@ -247,7 +250,7 @@ def _fake_backbone_cache(root: Path) -> Path:
     (target / "model.safetensors").write_bytes(b"\1" * 4096)
     (target / "config.json").write_text("{}")
     core.write_json(target / "tu_conversion.json",  # with the size older records held: it alone proves nothing
-                    {"gguf_sha256": organism.GGUF_SHA256, "size": 4096, "files": core.file_hashes(target)})
+                    {"gguf_sha256": presets_organism.GGUF_SHA256, "size": 4096, "files": core.file_hashes(target)})
     return target
 
 
@@ -257,7 +260,7 @@ def _conversion_attempted(monkeypatch) -> list:
     def fake_gguf():
         calls.append(1)
         raise TuError("conversion started")
-    monkeypatch.setattr(organism, "gguf_path", fake_gguf)
+    monkeypatch.setattr(presets_organism, "gguf_path", fake_gguf)
     return calls
 
 
@@ -265,30 +268,30 @@ def test_a_zeroed_backbone_cache_of_the_right_size_is_rebuilt(tmp_path, monkeypa
     monkeypatch.setenv("TU_CACHE_DIR", str(tmp_path))
     target = _fake_backbone_cache(tmp_path)
     calls = _conversion_attempted(monkeypatch)
-    assert organism.backbone_dir() == target and not calls  # intact: used as it is
+    assert presets_organism.backbone_dir() == target and not calls  # intact: used as it is
     with open(target / "model.safetensors", "r+b") as f:  # same size, zeroed content (the 4 MB, scaled)
         f.write(b"\0" * 1024)
     os.utime(target / "model.safetensors", ns=(1, 1))  # even with a timestamp that looks old
     with pytest.raises(TuError, match="conversion started"):
-        organism.backbone_dir()
+        presets_organism.backbone_dir()
     assert calls and "model.safetensors missing or changed since it was written; rebuilding it" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("record", ["{not json", "[]", json.dumps({"gguf_sha256": organism.GGUF_SHA256, "size": 4096})])
+@pytest.mark.parametrize("record", ["{not json", "[]", json.dumps({"gguf_sha256": presets_organism.GGUF_SHA256, "size": 4096})])
 def test_a_damaged_or_old_conversion_record_means_a_rebuild(record, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TU_CACHE_DIR", str(tmp_path))
     target = _fake_backbone_cache(tmp_path)
     (target / "tu_conversion.json").write_text(record)
     calls = _conversion_attempted(monkeypatch)
     with pytest.raises(TuError, match="conversion started"):  # a rebuild, not a raw JSONDecodeError
-        organism.backbone_dir()
+        presets_organism.backbone_dir()
     assert calls and "rebuilding it from the GGUF file" in capsys.readouterr().out
 
 
 # ---- defects 4, 5, 7, 8: seeds, long paths, figure folders ------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", [organism.SPEC, curate.SPEC, *[__import__(f"tu_lib.{m}", fromlist=["SPEC"]).SPEC
+@pytest.mark.parametrize("spec", [organism.SPEC, curate.SPEC, *[__import__(f"tu_lib.stages.{m}", fromlist=["SPEC"]).SPEC
                                                                 for m in ("unlearn", "evaluate", "cost", "repgap", "assignment")]],
                          ids=lambda s: s.notebook)
 def test_every_notebook_checks_seeds_paths_and_numbers_with_the_shared_checks(spec):

@@ -5,8 +5,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from tu_lib import plots
-from tu_lib.core import TuError, atomic_path, read_jsonl, write_csv, write_json, write_jsonl
+from tu_lib.core import TuError, atomic_path, plots, read_jsonl, write_csv, write_json, write_jsonl
 
 
 class Boom(Exception):
@@ -57,8 +56,9 @@ def test_run_record_says_what_the_numbers_were_computed_on(monkeypatch):
     import torch
 
     from tu_lib import core, models
+    from tu_lib.core import records
 
-    monkeypatch.setattr(core, "_MODEL_DTYPES", {})
+    monkeypatch.setattr(records, "_MODEL_DTYPES", {})
     models.load_vlm("micro")
     models.load_vlm("micro", dtype="bfloat16")
     threads = torch.get_num_threads()

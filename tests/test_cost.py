@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from tu_lib import cost as C
+from tu_lib import analysis
+from tu_lib import methods as U
 from tu_lib import models as M
-from tu_lib import unlearn as U
 from tu_lib.core import ParameterError, TuError
-from tu_lib.render import FIGSTEP_TEXT_PROMPT
+from tu_lib.render.pages import FIGSTEP_TEXT_PROMPT
+from tu_lib.stages import cost as C
 
 # neutral stand-ins for forget / mismatch / normal rows: the count depends on shapes, not on content
 PROMPTS = ["Describe how a library lends books.", "Explain why the sky looks blue at noon.",
@@ -44,20 +45,20 @@ def test_analytic_step_flops_match_torch_counter(organism, method):
 
 
 def test_llava_shapes_from_published_configs():
-    s7, s13 = C.llava_shape("7b"), C.llava_shape("13b")
+    s7, s13 = analysis.llava_shape("7b"), analysis.llava_shape("13b")
     assert (s7.layers, s7.hidden, s7.image_tokens, s7.v_patches) == (32, 4096, 576, 576)
     assert (s13.layers, s13.hidden) == (40, 5120)
     # ~2 FLOPs per weight per token: a 7B LM forward on one token costs ~13 GFLOP (LM head included)
-    per_token = C.forward_flops(s7, C.Batch(rows=1, width=1, answer_tokens=1)) / 1e9
+    per_token = analysis.forward_flops(s7, analysis.Batch(rows=1, width=1, answer_tokens=1)) / 1e9
     assert 12 < per_token < 14.5
     with pytest.raises(ParameterError, match="7b"):
-        C.llava_shape("70b")
+        analysis.llava_shape("70b")
 
 
 def test_images_make_the_step_dearer():
-    s = C.llava_shape("7b")
-    text = C.step_flops(s, C.Batch(12, 120, 240), C.Batch(4, 100, 60), first_layer=0, lora_r=32, lora_targets=["q_proj", "v_proj"])
-    image = C.step_flops(s, C.Batch(12, 120 + 576, 240, images=8), C.Batch(4, 100, 60), first_layer=0, lora_r=32,
+    s = analysis.llava_shape("7b")
+    text = analysis.step_flops(s, analysis.Batch(12, 120, 240), analysis.Batch(4, 100, 60), first_layer=0, lora_r=32, lora_targets=["q_proj", "v_proj"])
+    image = analysis.step_flops(s, analysis.Batch(12, 120 + 576, 240, images=8), analysis.Batch(4, 100, 60), first_layer=0, lora_r=32,
                          lora_targets=["q_proj", "v_proj"])
     assert image["total"] / text["total"] > 4
 

@@ -1,8 +1,10 @@
 """Stage 01 splits: disjoint roles, leak guards, determinism and prefix structure of the profiles."""
+import pandas as pd
 import pytest
 
-from tu_lib import curate, data, params
-from tu_lib.core import TuError, normalise_prompt
+from tu_lib import data
+from tu_lib.core import TuError, normalise_prompt, params
+from tu_lib.data import curation as curate
 
 
 def build(profile="default", **over):
@@ -31,7 +33,7 @@ def test_no_shared_normalised_prompt_between_any_two_sets(default):
 
 def test_overlap_table_detects_a_shared_prompt(default):
     leaked = dict(default.sets)
-    leaked["forget"] = curate.pd.concat([default.sets["forget"], default.sets["t1_advbench"].head(1).assign(set="forget")])
+    leaked["forget"] = pd.concat([default.sets["forget"], default.sets["t1_advbench"].head(1).assign(set="forget")])
     table = curate.overlap_table(leaked)
     row = table[(table.set_a == "t1_advbench") & (table.set_b == "forget")]
     assert int(row["shared"].iloc[0]) == 1
@@ -91,7 +93,7 @@ def test_asking_for_more_items_than_a_pool_holds_is_refused():
 
 
 def test_stratified_order_balances_every_prefix():
-    df = curate.pd.DataFrame({"c": list("aaaabbbbcccc"), "x": range(12)})
+    df = pd.DataFrame({"c": list("aaaabbbbcccc"), "x": range(12)})
     out = curate.stratified_order(df, "c", seed=0)
     for k in range(1, 13):
         counts = out["c"].head(k).value_counts().reindex(list("abc"), fill_value=0)

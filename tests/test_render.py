@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tu_lib import render
 from tu_lib.core import TuError, verified_path
+from tu_lib.render import pages as render
 
 NEUTRAL = "Steps to bake bread."
 LONG_NEUTRAL = (

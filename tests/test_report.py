@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 
-from tu_lib import report
 from tu_lib.core import TuError, repo_root
+from tu_lib.stages import report
 
 
 def test_readme_expected_results_match_the_committed_figure_csvs():
     text = (repo_root() / "README.md").read_text()
-    assert report.readme_block() in text, "README's expected results differ from figures/*.csv: run `python -m tu_lib.report readme`"
+    assert report.readme_block() in text, "README's expected results differ from figures/*.csv: run `python -m tu_lib.stages.report readme`"
 
 
 def test_every_committed_figure_is_in_the_readme_gallery():
@@ -89,7 +89,7 @@ def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns(fo
     assert sorted((repo_root() / folder).glob("*.csv"))
     for p in sorted((repo_root() / folder).glob("*.csv")):
         rule = report.COMPARE_RULES.get(p.stem)
-        assert rule is not None, f"{p.name} has no comparison rule in tu_lib.report.COMPARE_RULES"
+        assert rule is not None, f"{p.name} has no comparison rule in tu_lib.stages.report.COMPARE_RULES"
         assert set(pd.read_csv(p).columns) == rule.columns(), p.name
         assert not rule.skip or rule.why, f"{p.name}: columns left uncompared need their reason"
 

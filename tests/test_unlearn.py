@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-
-from tu_lib import models, unlearn
-from tu_lib.core import ParameterError, TuError, read_jsonl, repo_root, write_jsonl
-
 from notebook_helpers import stops_early
+
+from tu_lib import methods, models, training
+from tu_lib.core import ParameterError, TuError, read_jsonl, repo_root, write_jsonl
+from tu_lib.stages import unlearn
 
 NB = repo_root() / "notebooks" / "02_unlearn.ipynb"
 
@@ -46,7 +46,7 @@ def micro_data(stage01, tmp_path_factory):
 def cfg(method="textual_ga", **kw):
     base = dict(method=method, steps=6, lr=5e-3, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2)
     base.update(kw)
-    return unlearn.TrainConfig(**base)
+    return methods.TrainConfig(**base)
 
 
 def adapter_hash(path):
@@ -54,7 +54,7 @@ def adapter_hash(path):
 
 
 def test_forget_answers_are_generated_once_and_cached_per_weights_and_dtype(stage01, tmp_path, monkeypatch):
-    from tu_lib import generate
+    from tu_lib.models import generate
 
     vlm = models.load_vlm("micro")
     P = params(stage01, tmp_path, n_forget=5)
@@ -76,32 +76,32 @@ def test_forget_answers_are_generated_once_and_cached_per_weights_and_dtype(stag
 def test_paper_presets_need_forget_answers_from_stage01(stage01):
     fake = models.VLM(preset="llava-1.5-7b", family="llava15", model=None, processor=None, dtype=torch.float32)
     with pytest.raises(TuError, match="forget_source pku_saferlhf"):
-        unlearn.pre_alignment_model(fake)
+        methods.pre_alignment_model(fake)
     # and already when the sets are read, before a 7B model is loaded (stage01's forget rows have no answers)
     with pytest.raises(TuError, match="forget_source pku_saferlhf"):
-        unlearn.load_sets(stage01, "all", "llava-1.5-7b")
-    assert unlearn.load_sets(stage01, 2, "organism")[0] == unlearn.load_sets(stage01, 2)[0]
+        methods.load_sets(stage01, "all", "llava-1.5-7b")
+    assert methods.load_sets(stage01, 2, "organism")[0] == methods.load_sets(stage01, 2)[0]
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(micro_data, tmp_path):
     vlm, data = micro_data
-    whole = unlearn.train(vlm, data, cfg(), tmp_path / "whole")
+    whole = methods.train(vlm, data, cfg(), tmp_path / "whole")
 
     def crash(step):
         if step == 5:
             raise KeyboardInterrupt("killed mid-run")
 
     with pytest.raises(KeyboardInterrupt):
-        unlearn.train(vlm, data, cfg(), tmp_path / "resumed", on_step=crash)
+        methods.train(vlm, data, cfg(), tmp_path / "resumed", on_step=crash)
     assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
     assert not (tmp_path / "resumed" / "adapter").exists(), "an interrupted run must not leave an adapter behind"
     assert not any("lora" in n for n, _ in vlm.model.named_parameters()), "a crash must leave the base model clean"
-    resumed = unlearn.train(vlm, data, cfg(), tmp_path / "resumed")
+    resumed = methods.train(vlm, data, cfg(), tmp_path / "resumed")
     assert adapter_hash(tmp_path / "whole") == adapter_hash(tmp_path / "resumed")
     assert resumed["steps_done"] == whole["steps_done"] == 6
     assert not (tmp_path / "resumed" / "checkpoint").exists()
     # a different setting does not resume from (or reuse) that run
-    other = unlearn.train(vlm, data, cfg(lr=1e-3), tmp_path / "resumed")
+    other = methods.train(vlm, data, cfg(lr=1e-3), tmp_path / "resumed")
     assert adapter_hash(tmp_path / "resumed") != adapter_hash(tmp_path / "whole") and other["key"] != whole["key"]
 
 
@@ -109,20 +109,20 @@ def test_a_damaged_finished_run_is_named_and_trained_again(micro_data, tmp_path,
     """Issue 21 (3): a finished method whose adapter was truncated must not count as finished on a rerun."""
     vlm, data = micro_data
     run = tmp_path / "run"
-    unlearn.train(vlm, data, cfg(steps=2), run)
+    methods.train(vlm, data, cfg(steps=2), run)
     good = adapter_hash(run)
-    assert unlearn.method_problem(run) is None
+    assert methods.method_problem(run) is None
     weights = run / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, e.g. a half-finished copy
-    assert "adapter_model.safetensors is missing or changed" in unlearn.method_problem(run)
+    assert "adapter_model.safetensors is missing or changed" in methods.method_problem(run)
     with pytest.raises(TuError, match=r"adapter_model.safetensors.*cannot be read.*Train it again"):
-        unlearn.apply_adapter(vlm.base_model, run / "adapter")  # named, not a raw SafetensorError
+        models.apply_adapter(vlm.base_model, run / "adapter")  # named, not a raw SafetensorError
     capsys.readouterr()
-    unlearn.train(vlm, data, cfg(steps=2), run)
+    methods.train(vlm, data, cfg(steps=2), run)
     assert "adapter_model.safetensors is missing or changed" in capsys.readouterr().out
-    assert adapter_hash(run) == good and unlearn.method_problem(run) is None
+    assert adapter_hash(run) == good and methods.method_problem(run) is None
     (run / "losses.csv").write_text("step\n")  # any recorded file counts, not only the adapter
-    assert "losses.csv" in unlearn.method_problem(run)
+    assert "losses.csv" in methods.method_problem(run)
 
 
 def test_a_damaged_forget_answers_cache_is_regenerated(stage01, tmp_path, capsys):
@@ -140,9 +140,9 @@ def test_a_damaged_forget_answers_cache_is_regenerated(stage01, tmp_path, capsys
 
 def test_a_finished_run_is_not_reused_for_other_weights_or_another_dtype(micro_data, tmp_path):
     vlm, data = micro_data
-    first = unlearn.train(vlm, data, cfg(steps=2), tmp_path / "run")
-    assert unlearn.train(vlm, data, cfg(steps=2), tmp_path / "run")["key"] == first["key"]  # the same run: reused
-    bf16 = unlearn.train(models.load_vlm("micro", dtype="bfloat16"), data, cfg(steps=2), tmp_path / "run")
+    first = methods.train(vlm, data, cfg(steps=2), tmp_path / "run")
+    assert methods.train(vlm, data, cfg(steps=2), tmp_path / "run")["key"] == first["key"]  # the same run: reused
+    bf16 = methods.train(models.load_vlm("micro", dtype="bfloat16"), data, cfg(steps=2), tmp_path / "run")
     assert bf16["key"] != first["key"]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["key"] == bf16["key"]  # trained again
 
@@ -155,7 +155,7 @@ def _losses(path):
 
 def test_textual_ga_terms_move_as_the_recipe_says(micro_data, tmp_path):
     vlm, data = micro_data
-    unlearn.train(vlm, data, cfg(steps=12, lr=1e-2), tmp_path / "ga")
+    methods.train(vlm, data, cfg(steps=12, lr=1e-2), tmp_path / "ga")
     df = _losses(tmp_path / "ga")
     assert abs(df["kl"].iloc[0]) < 1e-4, "KL to the frozen model starts at 0"
     assert df["forget_nll"].iloc[-3:].mean() > df["forget_nll"].iloc[:3].mean() + 0.05, "harmful-answer NLL must rise"
@@ -165,8 +165,8 @@ def test_textual_ga_terms_move_as_the_recipe_says(micro_data, tmp_path):
 
 def test_sft_lowers_the_refusal_nll_and_npo_raises_the_harmful_nll(micro_data, tmp_path):
     vlm, data = micro_data
-    unlearn.train(vlm, data, cfg("text_sft", steps=10, lr=1e-2), tmp_path / "sft")
-    unlearn.train(vlm, data, cfg("npo", steps=10, lr=1e-2), tmp_path / "npo")
+    methods.train(vlm, data, cfg("text_sft", steps=10, lr=1e-2), tmp_path / "sft")
+    methods.train(vlm, data, cfg("npo", steps=10, lr=1e-2), tmp_path / "npo")
     sft, npo = _losses(tmp_path / "sft"), _losses(tmp_path / "npo")
     assert sft["forget_nll"].iloc[-1] < sft["forget_nll"].iloc[0] - 0.5
     assert npo["forget_nll"].iloc[-1] > npo["forget_nll"].iloc[0]
@@ -174,27 +174,27 @@ def test_sft_lowers_the_refusal_nll_and_npo_raises_the_harmful_nll(micro_data, t
 
 def test_stop_rule_ends_ascent_early(micro_data, tmp_path):
     vlm, data = micro_data
-    s = unlearn.train(vlm, data, cfg(steps=8, max_forget_nll=1.0), tmp_path / "stop")
+    s = methods.train(vlm, data, cfg(steps=8, max_forget_nll=1.0), tmp_path / "stop")
     assert s["steps_done"] == 1 and "max_forget_nll" in s["stopped_by"]
 
 
 def test_multimodal_methods_show_forget_prompts_as_images(micro_data):
     vlm, data = micro_data
-    plan = unlearn.schedule(cfg("multimodal_ga"), data)[0]
-    images = unlearn.ImageCache(vlm)
-    mm = unlearn.step_rows(vlm, unlearn.METHODS["multimodal_ga"], data, plan, images)
-    text = unlearn.step_rows(vlm, unlearn.METHODS["textual_ga"], data, plan, images)
+    plan = methods.schedule(cfg("multimodal_ga"), data)[0]
+    images = methods.ImageCache(vlm)
+    mm = methods.step_rows(vlm, methods.METHODS["multimodal_ga"], data, plan, images)
+    text = methods.step_rows(vlm, methods.METHODS["textual_ga"], data, plan, images)
     assert all(img is not None for _, img, _ in mm["forget"] + mm["mismatch"])
     assert all(img is None for _, img, _ in text["forget"] + mm["normal"])
     assert [a for *_, a in mm["forget"]] == [a for *_, a in text["forget"]]  # same answers, other form
-    assert "pixel_values" in unlearn.encode_rows(vlm, mm["forget"])
-    sft = unlearn.step_rows(vlm, unlearn.METHODS["mm_sft"], data, plan, images)
-    assert {a for *_, a in sft["forget"]} == {unlearn.REFUSAL} and not sft["mismatch"]
+    assert "pixel_values" in training.encode_rows(vlm, mm["forget"])
+    sft = methods.step_rows(vlm, methods.METHODS["mm_sft"], data, plan, images)
+    assert {a for *_, a in sft["forget"]} == {methods.REFUSAL} and not sft["mismatch"]
 
 
 def test_lora_adapts_the_language_model_only(micro_data):
     vlm, _ = micro_data
-    model, trainable, _ = unlearn.wrap_model(vlm, cfg(lora_targets=("q_proj", "v_proj")))
+    model, trainable, _ = methods.wrap_model(vlm, cfg(lora_targets=("q_proj", "v_proj")))
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert names and all(".language_model." in n for n in names), names[:3]
     vlm.model = model.unload()
@@ -205,7 +205,7 @@ def test_full_finetuning_trains_the_llm_against_a_frozen_copy(micro_data, tmp_pa
     vlm, data = micro_data
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     try:
-        s = unlearn.train(vlm, data, cfg(steps=3, lora=False), tmp_path / "full")
+        s = methods.train(vlm, data, cfg(steps=3, lora=False), tmp_path / "full")
         after = dict(vlm.model.named_parameters())
         changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
         assert changed and all(".language_model." in n or n.startswith("lm_head") for n in changed)
@@ -218,13 +218,13 @@ def test_full_finetuning_trains_the_llm_against_a_frozen_copy(micro_data, tmp_pa
 
 
 def test_adapter_applied_changes_outputs_and_restores_the_base(micro_data, tmp_path):
-    from tu_lib.generate import generate
+    from tu_lib.models.generate import generate
 
     vlm, data = micro_data
-    unlearn.train(vlm, data, cfg(steps=4, lr=5e-2), tmp_path / "m")
+    methods.train(vlm, data, cfg(steps=4, lr=5e-2), tmp_path / "m")
     texts = [vlm.chat("Placeholder question?", False)]
     base = generate(vlm.model, vlm.processor, texts, max_new_tokens=8)
-    with unlearn.adapter_applied(vlm, tmp_path / "m"):
+    with models.adapter_applied(vlm, tmp_path / "m"):
         tuned = generate(vlm.model, vlm.processor, texts, max_new_tokens=8)
     assert generate(vlm.model, vlm.processor, texts, max_new_tokens=8) == base
     assert tuned != base
@@ -243,12 +243,12 @@ def test_adapter_applied_changes_outputs_and_restores_the_base(micro_data, tmp_p
 ])
 def test_bad_parameters_are_rejected(kw, message):
     with pytest.raises(ParameterError) as err:
-        unlearn.resolve_params({"profile": "smoke", **kw})
+        methods.resolve_params({"profile": "smoke", **kw})
     assert message in str(err.value)
 
 
 def test_comma_separated_lists_are_accepted():
-    P = unlearn.resolve_params({"profile": "smoke", "methods": "textual_ga, mm_sft", "lora_targets": "q_proj,v_proj"})
+    P = methods.resolve_params({"profile": "smoke", "methods": "textual_ga, mm_sft", "lora_targets": "q_proj,v_proj"})
     assert P["methods"] == ["textual_ga", "mm_sft"] and P["lora_targets"] == ["q_proj", "v_proj"]
 
 
@@ -256,10 +256,10 @@ def test_train_rejects_bad_config_before_loading_anything(micro_data, tmp_path):
     vlm, data = micro_data
     for bad in (cfg("forget_all"), cfg(steps=0), cfg(lr=-1.0)):
         with pytest.raises(ParameterError):
-            unlearn.train(vlm, data, bad, tmp_path / "bad")
+            methods.train(vlm, data, bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ParameterError, match="lora_first_layer"):
-        unlearn.train(vlm, data, cfg(lora_first_layer=7), tmp_path / "bad")
+        methods.train(vlm, data, cfg(lora_first_layer=7), tmp_path / "bad")
 
 
 def test_notebook_stops_on_a_bad_method_before_any_training(tmp_path):
@@ -288,20 +288,20 @@ def test_adapter_applied_needs_the_bare_model(tmp_path):
     vlm = models.load_vlm("micro")
     vlm.model = get_peft_model(vlm.model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(TuError, match="already carries a peft adapter"):
-        with unlearn.adapter_applied(vlm, tmp_path):
+        with models.adapter_applied(vlm, tmp_path):
             pass
 
 
 def test_run_identity_includes_the_model():
-    data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
+    data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
                          mismatch_answers=["b"])
-    cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
+    cfg = methods.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
     assert cfg.key(data, "llava-1.5-7b") != cfg.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
-    assert cfg.key(data, "organism") == cfg.key(unlearn.UnlearnData(**vars(data)), "organism")  # equal inputs, one key
-    other_data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "c"}], normal=data.normal, mismatch_answers=["b"])
+    assert cfg.key(data, "organism") == cfg.key(methods.UnlearnData(**vars(data)), "organism")  # equal inputs, one key
+    other_data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "c"}], normal=data.normal, mismatch_answers=["b"])
     assert cfg.key(other_data, "organism") != cfg.key(data, "organism")
-    assert unlearn.TrainConfig(method="textual_ga", steps=2, lr=2e-3, batch_size=1).key(data, "organism") != cfg.key(data, "organism")
-    other_pool = unlearn.UnlearnData(forget=data.forget, normal=data.normal, mismatch_answers=["b", "d"])
+    assert methods.TrainConfig(method="textual_ga", steps=2, lr=2e-3, batch_size=1).key(data, "organism") != cfg.key(data, "organism")
+    other_pool = methods.UnlearnData(forget=data.forget, normal=data.normal, mismatch_answers=["b", "d"])
     assert cfg.key(other_pool, "organism") != cfg.key(data, "organism")
 
 
@@ -315,9 +315,9 @@ def test_more_processes_than_rows_per_step_is_refused_before_training(monkeypatc
             pass
 
     monkeypatch.setattr(accelerate, "Accelerator", ThreeProcesses)
-    data = unlearn.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
+    data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
                                mismatch_answers=["b"])
-    cfg = unlearn.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=2)
+    cfg = methods.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=2)
     with pytest.raises(ParameterError, match="num_processes <= 2"):
-        unlearn.train(None, data, cfg, tmp_path)  # no model is touched: the check comes first
+        methods.train(None, data, cfg, tmp_path)  # no model is touched: the check comes first
     assert not any(tmp_path.iterdir())

@@ -1,0 +1,58 @@
+"""Benchmark data: the vendored files' loaders, the hub-only datasets, the dataset registry, the curated sets'
+registry and the curation itself (stage 01's logic).
+"""
+from __future__ import annotations
+
+from .hub import (
+    HADES_ID,
+    HADES_REQUIRED,
+    HADES_REVISION,
+    JAILBREAKV_FILES,
+    JAILBREAKV_ID,
+    JAILBREAKV_REQUIRED,
+    JAILBREAKV_REVISION,
+    PKU_SAFERLHF_CONFIGS,
+    PKU_SAFERLHF_ID,
+    PKU_SAFERLHF_REQUIRED,
+    PKU_SAFERLHF_REVISION,
+    attach_images,
+    hub_offline,
+    load_hades,
+    load_jailbreakv_28k,
+    load_pku_saferlhf,
+    pku_unsafe_pairs,
+)
+from .local import (
+    DONOTANSWER_RISK_AREAS,
+    HARMBENCH_TEXT_FILES,
+    MM_SAFETYBENCH_KEYS,
+    MM_SAFETYBENCH_PROMPT_FIELD,
+    MM_SAFETYBENCH_SCENARIOS,
+    OBJECTIVE_COLUMNS,
+    OBJECTIVE_FILES,
+    TEMPLATE_GROUPS,
+    TRUTHFULQA_FILES,
+    VLGUARD_KINDS,
+    apply_template,
+    load_advbench,
+    load_advbench_strings,
+    load_donotanswer,
+    load_figstep_benign_templates,
+    load_hades_scenarios,
+    load_harmbench_multimodal,
+    load_harmbench_text,
+    load_jailbreak_templates,
+    load_llava_bench_coco,
+    load_llava_bench_coco_captions,
+    load_llava_bench_rules,
+    load_mm_safetybench,
+    load_objective_examples,
+    load_refusal_examples,
+    load_safebench,
+    load_truthfulqa,
+    load_vlguard,
+    load_vlguard_gpt4_safe_safes,
+    load_xstest,
+    safebench_tiny_image,
+)
+from .registry import DATASETS, HUB_ONLY, load

@@ -1,0 +1,10 @@
+"""Evaluation pieces shared by stages 03 and 05: the stages' inputs, the items of every set, generation
+and judging, metric rows and tables, and V3's adversarial images.
+"""
+from __future__ import annotations
+
+from .adversarial import cached_images, optimise_images, projected_features, vision_fingerprint
+from .inputs import input_files, input_hashes
+from .items import build_items, reading_rows
+from .judging import JUDGE_NAMES, Judges, fluency_reference, generate_method
+from .metrics import judge_agreement, mc1_for, metric_rows, paper_table, truthfulqa_mc1

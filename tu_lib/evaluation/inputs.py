@@ -1,0 +1,56 @@
+"""What stages 03 and 05 read (stage 01's sets, stage 02's adapters), checked before any model loads."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..core.errors import TuError
+from ..core.files import sha256_file
+from ..core.params import resolve_path
+from ..data.sets import STAGE01_FILE, stage01_file
+from ..judges.encoder import minilm_dir
+from ..methods.run import method_problem
+from ..models.vlm import HUB_IDS
+
+
+def check_eval_inputs(P: dict) -> None:
+    """Fail before loading a model: stage 01's files and each method's adapter must exist, the paper presets' reading
+    utility needs its images, and the judges' encoder must be installed. Stages 03 and 05 run it first."""
+    if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
+        raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
+                      "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
+    input_files(P)
+    if {"harmfulness", "on_topic"} & set(P.get("judges") or []):
+        minilm_dir()  # the sentence encoder these judges need is a pip package: say so now, not after generation
+
+
+def input_files(P: dict) -> list[Path]:
+    """The files this stage reads: stage 01's sets and each method's adapter (each must exist)."""
+    files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in P["sets"]) if f]
+    for m in P["methods"]:
+        if m == "base":
+            continue
+        run = resolve_path(P["unlearn_dir"]) / m
+        adapter = [run / "adapter" / "adapter_model.safetensors", run / "adapter" / "adapter_config.json"]
+        if (run / "llm.safetensors").is_file() and not adapter[0].is_file():
+            raise TuError(f"{P['unlearn_dir']}/{m} holds a full fine-tune (stage 02 with `-p lora False`); stages 03 "
+                          "and 05 evaluate LoRA adapters only: rerun notebook 02 with `-p lora True`.")
+        missing = [f.name for f in adapter if not f.is_file()]
+        if missing:
+            raise TuError(f"No complete adapter for method {m!r} in {P['unlearn_dir']}/{m}/adapter (missing "
+                          f"{', '.join(missing)}): run notebook 02 with `-p methods {m}` first, or drop it from methods.")
+        problem = method_problem(run)
+        if problem:
+            raise TuError(f"The {m!r} run in {P['unlearn_dir']} cannot be trusted: {problem}. Rerun notebook 02 with "
+                          f"`-p methods {m}` (it trains a damaged method again), or drop {m} from methods.")
+        trained_on = json.loads((run / "summary.json").read_text()).get("preset")
+        if trained_on and P.get("preset") and trained_on != P["preset"]:
+            raise TuError(f"The {m!r} adapter in {P['unlearn_dir']} was trained on preset {trained_on!r}, not "
+                          f"{P['preset']!r}: pass the matching preset or the unlearn_dir of a {P['preset']} run.")
+        files += adapter
+    return files
+
+
+def input_hashes(P: dict) -> dict[str, str]:
+    """file -> sha256 of what the stage read, for its run record (which adapters produced these numbers)."""
+    return {str(p): sha256_file(p) for p in input_files(P)}

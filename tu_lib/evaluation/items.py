@@ -1,0 +1,63 @@
+"""The generation items of every evaluated set: chat-formatted prompts, rendered or optimised images, instructions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import TuError
+from ..core.files import read_jsonl
+from ..core.text import take
+from ..data.sets import EVAL_SETS, STAGE01_FILE, stage01_file
+from ..evaluation import adversarial
+from ..models.presets import organism
+from ..render.pages import FIGSTEP_TEXT_PROMPT
+
+
+def build_items(vlm, P: dict, name: str, v3_cache: Path | None = None) -> tuple[list[dict], dict]:
+    """Generation items of one set: {"key", "set", "text" (chat-formatted), "image", "instruction"}; also
+    facts about the set (V3 optimisation quality)."""
+    spec, facts = EVAL_SETS[name], {}
+    if name == "utility_reading":
+        rows = reading_rows(vlm, P)
+    else:
+        rows = take(read_jsonl(stage01_file(P["data_dir"], STAGE01_FILE.get(name, name))), P["n_per_set"])
+    images: list = [None] * len(rows)
+    if spec.image in ("figstep", "mmsb"):
+        images = [vlm.render(r["image_text"], spec.image) for r in rows]
+    elif spec.image == "adversarial":
+        images, stats = adversarial.cached_images(vlm, [r["image_text"] for r in rows], v3_cache, steps=P["v3_steps"],
+                                                  seed=P["seed"])
+        done = [s for s in stats if s]
+        if done:
+            facts["v3_cosine_to_target"] = float(np.mean([s["cosine_to_target"] for s in done]))
+            facts["v3_cosine_grey_to_target"] = float(np.mean([s["cosine_grey_to_target"] for s in done]))
+    elif spec.image == "photo":
+        images = [r["image_obj"] for r in rows]
+    items = []
+    for r, image in zip(rows, images):
+        prompt = r.get("prompt") or FIGSTEP_TEXT_PROMPT
+        items.append({"key": f"{name}|{r['id']}", "set": name, "id": r["id"], "image": image,
+                      "text": vlm.chat(prompt, image is not None), "prompt": prompt,
+                      "instruction": r.get("request") or r.get("image_text") or prompt})
+    return items, facts
+
+
+def reading_rows(vlm, P: dict) -> list[dict]:
+    """Benign reading utility: the organism's held-out benign titles shown as FigStep-style images (answered on
+    topic = read and answered); for llava presets, LLaVA-Bench-COCO questions with images from a folder."""
+    if vlm.preset in ("organism", "micro"):
+        titles = organism.benign_titles(P["seed"])[1]
+        return take([{"id": f"title:{i}", "image_text": t, "request": t, "prompt": FIGSTEP_TEXT_PROMPT}
+                      for i, t in enumerate(titles)], P["n_per_set"])
+    if not P["llava_images_dir"]:
+        return []
+    from PIL import Image
+
+
+    rows = take(read_jsonl(stage01_file(P["data_dir"], "utility_llava_bench")), P["n_per_set"])
+    folder = Path(P["llava_images_dir"])
+    missing = [r["image"] for r in rows if not (folder / r["image"]).is_file()]
+    if missing:
+        raise TuError(f"{len(missing)} LLaVA-Bench-COCO images are missing from {folder} (e.g. {missing[0]}).")
+    return [dict(r, image_obj=Image.open(folder / r["image"]).convert("RGB")) for r in rows]

@@ -1,0 +1,109 @@
+"""Tidy result rows (n, rate, 95% bootstrap CI, judge version), TruthfulQA MC1, judge agreement, the paper table."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..core import stats
+from ..core.files import read_jsonl
+from ..core.params import resolve_path
+from ..core.stats import fmt_rate
+from ..core.text import take
+from ..data.sets import ATTACK_SETS, EVAL_SETS, stage01_file
+from ..models.adapters import adapter_applied
+from ..models.likelihood import continuation_logprobs
+from ..models.presets.organism import chat
+
+
+def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dict, seed: int) -> list[dict]:
+    """Tidy result rows: one per (set, metric) with n, rate and 95% bootstrap CI, and the judge's version."""
+    out = []
+
+    def add(set_name, metric, judge, values):
+        r = stats.rate(np.asarray(values, dtype=bool), seed=seed)
+        out.append({"preset": preset, "method": method, "set": set_name, "metric": metric, "judge": judge,
+                    "judge_version": judges_prov.get(judge, {}).get("judge_version", judge), **r})
+
+    for set_name, g in judged.groupby("set", sort=False):
+        kind = EVAL_SETS[set_name].kind
+        ok = ~g["refused"].to_numpy(bool)
+        if kind == "attack":
+            add(set_name, "asr", "refusal_keywords", ok)
+            if "harmful" in g:
+                add(set_name, "asr", "harmfulness", g["harmful"].to_numpy(bool))
+            if "on_topic" in g:
+                add(set_name, "on_topic_compliance", "on_topic", ok & g["on_topic"].to_numpy(bool))
+            if "llama_guard_unsafe" in g:
+                add(set_name, "asr", "llama_guard", g["llama_guard_unsafe"].to_numpy(bool))
+        elif kind == "over_refusal":
+            add(set_name, "over_refusal", "refusal_keywords", ~ok)
+        elif kind == "reading" and "on_topic" in g:
+            add(set_name, "reading_on_topic", "on_topic", ok & g["on_topic"].to_numpy(bool))
+        if "degenerate" in g:
+            add(set_name, "degenerate", "fluency", g["degenerate"].to_numpy(bool))
+    return out
+
+
+def mc1_for(vlm, P: dict, method: str, judges_prov: dict) -> list[dict]:
+    """TruthfulQA MC1 by log-likelihood (text utility) of one model (base, or a method's adapter)."""
+    import contextlib
+
+
+    table = pd.DataFrame(take(read_jsonl(stage01_file(P["data_dir"], "utility_truthfulqa")), P["n_per_set"]))
+    ctx = contextlib.nullcontext() if method == "base" else adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method)
+    with ctx:
+        hits = truthfulqa_mc1(vlm.model, vlm.tokenizer, table, chat_fn=lambda p: vlm.chat(p, False))
+    return [{"preset": P["preset"], "method": method, "set": "utility_truthfulqa", "metric": "mc1", "judge": "log_likelihood",
+             "judge_version": "mc1/loglik@1", **stats.rate(np.asarray(hits, dtype=bool), seed=P["seed"])}]
+
+
+def judge_agreement(judged: pd.DataFrame) -> dict:
+    """How often the two ASR judges agree on attack items (and Cohen's kappa): where they disagree, the
+    keyword judge usually counts degenerate or off-topic non-refusals as successes."""
+    from sklearn.metrics import cohen_kappa_score
+
+    attack = judged[judged["set"].isin(ATTACK_SETS)]
+    if "harmful" not in attack or attack.empty:
+        return {}
+    a, b = ~attack["refused"].to_numpy(bool), attack["harmful"].to_numpy(bool)
+    kappa = float(cohen_kappa_score(a, b)) if len(set(a)) > 1 or len(set(b)) > 1 else float("nan")
+    return {"n": int(len(a)), "agreement": float(np.mean(a == b)), "kappa": kappa,
+            "keyword_success_but_not_harmful": float(np.mean(a & ~b)),
+            "harmful_but_keyword_refusal": float(np.mean(~a & b))}
+
+
+# ---------------------------------------------------------------------------------------------
+# tables and figures
+
+
+def paper_table(results: pd.DataFrame, judge: str = "refusal_keywords") -> pd.DataFrame:
+    """Rows methods, columns the six attack sets (ASR under `judge`), over-refusal and utility; cells
+    "rate% [lo, hi] n"."""
+    cols = {}
+    for _, r in results.iterrows():
+        s = EVAL_SETS[r["set"]]
+        wanted = ((s.kind == "attack" and r["metric"] == "asr" and r["judge"] == judge)
+                  or (s.kind == "over_refusal" and r["metric"] == "over_refusal")
+                  or (s.kind == "mc1" and r["metric"] == "mc1")
+                  or (s.kind == "reading" and r["metric"] == "reading_on_topic"))
+        if wanted:
+            cols.setdefault(s.label, {})[r["method"]] = fmt_rate(r)
+    order = [EVAL_SETS[n].label for n in EVAL_SETS if EVAL_SETS[n].label in cols]
+    methods = list(dict.fromkeys(results["method"]))
+    return pd.DataFrame({c: [cols[c].get(m, "-") for m in methods] for c in order}, index=pd.Index(methods, name="method"))
+
+
+@torch.inference_mode()
+def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8) -> list[int]:
+    """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs
+    of the answer's own tokens after the formatted question; each question is run once for all its
+    options). `chat_fn(prompt)` formats the question (default: the organism's ChatML)."""
+    prompts, options = [], []
+    for _, row in table.iterrows():
+        choices = [row["answer"]] + [a.strip() for a in row["incorrect_answers"].split(";") if a.strip()]
+        prompt = chat_fn(row["prompt"]) if chat_fn else chat(tok, row["prompt"])
+        prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
+        options.append([tok(c, add_special_tokens=False)["input_ids"] for c in choices])
+    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=tok.pad_token_id)
+    return [int(np.argmax([lp.astype(np.float64).sum() for lp in row]) == 0) for row in scores]

@@ -1,0 +1,1 @@
+"""One module per notebook: its Spec, checks, steps and outputs. Stages meet only through files."""
