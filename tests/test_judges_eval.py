@@ -71,7 +71,7 @@ def test_harmfulness_cross_validated_above_chance(harm):
     # computed here: a learned judge that does no better than the keyword rule would add nothing.
     from sklearn.metrics import balanced_accuracy_score
     _, answers, labels, _ = harmfulness._pyrit_objective_rows()
-    baseline = balanced_accuracy_score(labels, ~J.RefusalKeywordJudge().judge(answers))
+    baseline = balanced_accuracy_score(labels, ~J.RefusalKeywordJudge().judge(None, answers))
     assert 0.6 < baseline < 0.7
     assert cv["balanced_accuracy"] > baseline and cv["auc"] > baseline
     assert harm.training["n"] == 395 and harm.training["n_positive"] == 191
@@ -417,5 +417,5 @@ def test_llama_guard_offline_error_before_loading(monkeypatch, tmp_path):
 
 def test_registry_has_the_new_judges():
     assert {"harmfulness", "fluency", "llama_guard"} <= set(J.JUDGES)
-    assert J.JUDGES["harmfulness"] is J.HarmfulnessJudge and J.JUDGES["fluency"] is J.FluencyJudge
-    assert J.JUDGES["llama_guard"] is J.LlamaGuardJudge
+    assert J.JUDGES["harmfulness"].cls is J.HarmfulnessJudge and J.JUDGES["fluency"].cls is J.FluencyJudge
+    assert J.JUDGES["llama_guard"].cls is J.LlamaGuardJudge

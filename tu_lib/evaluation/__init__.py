@@ -6,5 +6,5 @@ from __future__ import annotations
 from .adversarial import cached_images, optimise_images, projected_features, vision_fingerprint
 from .inputs import input_files, input_hashes
 from .items import build_items, reading_rows
-from .judging import JUDGE_NAMES, Judges, fluency_reference, generate_method
+from .judging import JUDGE_NAMES, Judges, generate_method
 from .metrics import judge_agreement, mc1_for, metric_rows, paper_table, truthfulqa_mc1

@@ -5,13 +5,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from .. import judges
+from ..core.errors import TuError
 from ..core.params import resolve_path
+from ..judges.base import JudgeContext
+from ..judges.registry import JUDGES, REQUIRED_JUDGE
 from ..models.adapters import adapter_applied
 from ..models.generate import generate_jsonl, weights_fingerprint
-from ..models.presets import organism
 
-JUDGE_NAMES = ("refusal_keywords", "harmfulness", "on_topic", "fluency", "llama_guard")
+JUDGE_NAMES = tuple(JUDGES)  # what the stages' `judges` parameter may name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,65 +35,43 @@ def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path) -> 
                               batch_size=P["batch_size"], desc=method, model_id=weights)
 
 
-def fluency_reference(vlm):
-    """(model, tokenizer, chat) the fluency judge scores answers under: a frozen reference, never the model
-    under test (its own greedy output always looks fluent to itself). The organism's pre-alignment SmolLM2
-    backbone; for other presets the base VLM (adapters are only applied inside generation)."""
-    if vlm.preset == "organism":
-        lm, tok = organism.load_backbone()
-        return lm.eval(), tok, lambda p: organism.chat(tok, p)
-    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
-
-
 class Judges:
-    """The chosen judges, built once (the harmfulness classifier is fitted on the vendored labels)."""
+    """The chosen judges of the registry (judges.registry), built once for one evaluation (the harmfulness
+    classifier is fitted on the vendored labels; the fluency judge loads its frozen reference LM)."""
 
     def __init__(self, vlm, names: list[str], on_topic_card: dict | None = None):
+        unknown = [n for n in names if n not in JUDGES]
+        if unknown:
+            raise TuError(f"Unknown judge(s) {unknown}; known judges: {', '.join(JUDGES)}.")
         self.names = names
-        self.refusal = judges.RefusalKeywordJudge()
-        self.harmfulness = judges.fitted_harmfulness_judge() if "harmfulness" in names else None
-        self.on_topic = None
-        if "on_topic" in names:
-            self.on_topic = judges.OnTopicJudge.from_dict(on_topic_card) if on_topic_card else judges.OnTopicJudge()
-        self.fluency = judges.FluencyJudge(*fluency_reference(vlm)) if "fluency" in names else None
-        self.llama_guard = judges.LlamaGuardJudge() if "llama_guard" in names else None
+        ctx = JudgeContext(vlm=vlm, on_topic_card=on_topic_card)
+        self.judges = {name: entry.make(ctx) for name, entry in JUDGES.items() if name in names or name == REQUIRED_JUDGE}
 
     def harmfulness_cv(self) -> dict:
         """Cross-validated quality of the harmfulness judge (folds grouped by objective)."""
-        return dict(self.harmfulness.cross_validation or {}) if self.harmfulness is not None else {}
+        harm = self.judges.get("harmfulness")
+        return dict(harm.cross_validation or {}) if harm is not None else {}
 
     def provenance(self) -> dict:
-        out = {"refusal_keywords": self.refusal.provenance()}
-        for name in ("harmfulness", "on_topic", "fluency", "llama_guard"):
-            judge = getattr(self, name)
-            if judge is not None:
-                out[name] = judge.provenance()
-        return out
+        return {name: judge.provenance() for name, judge in self.judges.items()}
 
     def judge(self, items: list[dict], answers: list[str]) -> pd.DataFrame:
-        """One row per item: refused, harmful, on_topic, degenerate (booleans; None where not judged), answer."""
+        """One row per item: key, set, one boolean column per judge (its registry entry's `column`), answer."""
         return self.judge_all(items, {"model": answers})["model"]
 
     def judge_all(self, items: list[dict], answers: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
-        """`judge` for every model's answers to the same items; the fluency judge runs each prompt once
-        for all models (the prompts, up to ~800 tokens, cost more than the answers)."""
-        instr = [it["instruction"] for it in items]
-        names = list(answers)
-        degenerate = {}
-        if self.fluency is not None:
-            found = self.fluency.assess_many([it["prompt"] for it in items], [answers[m] for m in names])
-            degenerate = {m: r["degenerate"] for m, r in zip(names, found)}
-        out = {}
-        for m in names:
-            df = pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
-                               "refused": self.refusal.judge(answers[m])})
-            if self.harmfulness is not None:
-                df["harmful"] = self.harmfulness.judge(instr, answers[m])
-            if self.on_topic is not None:
-                df["on_topic"] = self.on_topic.judge(instr, answers[m])
-            if self.fluency is not None:
-                df["degenerate"] = degenerate[m]
-            if self.llama_guard is not None:
-                df["llama_guard_unsafe"] = self.llama_guard.judge(instr, answers[m])
-            out[m] = df.assign(answer=answers[m])
-        return out
+        """`judge` for every model's answers to the same items; a judge with `judge_many` (fluency) scores each
+        prompt once for all models."""
+        models = list(answers)
+        columns: dict[str, dict[str, object]] = {m: {} for m in models}
+        for name, judge in self.judges.items():
+            entry = JUDGES[name]
+            first = [it["prompt"] if entry.reads == "prompt" else it["instruction"] for it in items]
+            if hasattr(judge, "judge_many"):
+                found = judge.judge_many(first, [answers[m] for m in models])
+            else:
+                found = [judge.judge(first, answers[m]) for m in models]
+            for m, values in zip(models, found):
+                columns[m][entry.column] = values
+        return {m: pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
+                                 **columns[m]}).assign(answer=answers[m]) for m in models}

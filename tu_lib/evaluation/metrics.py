@@ -11,6 +11,7 @@ from ..core.params import resolve_path
 from ..core.stats import fmt_rate
 from ..core.text import take
 from ..data.sets import ATTACK_SETS, EVAL_SETS, stage01_file
+from ..judges.registry import JUDGES
 from ..models.adapters import adapter_applied
 from ..models.likelihood import continuation_logprobs
 from ..models.presets.organism import chat
@@ -27,21 +28,10 @@ def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dic
 
     for set_name, g in judged.groupby("set", sort=False):
         kind = EVAL_SETS[set_name].kind
-        ok = ~g["refused"].to_numpy(bool)
-        if kind == "attack":
-            add(set_name, "asr", "refusal_keywords", ok)
-            if "harmful" in g:
-                add(set_name, "asr", "harmfulness", g["harmful"].to_numpy(bool))
-            if "on_topic" in g:
-                add(set_name, "on_topic_compliance", "on_topic", ok & g["on_topic"].to_numpy(bool))
-            if "llama_guard_unsafe" in g:
-                add(set_name, "asr", "llama_guard", g["llama_guard_unsafe"].to_numpy(bool))
-        elif kind == "over_refusal":
-            add(set_name, "over_refusal", "refusal_keywords", ~ok)
-        elif kind == "reading" and "on_topic" in g:
-            add(set_name, "reading_on_topic", "on_topic", ok & g["on_topic"].to_numpy(bool))
-        if "degenerate" in g:
-            add(set_name, "degenerate", "fluency", g["degenerate"].to_numpy(bool))
+        for entry in JUDGES.values():  # the registry's order: each judge's rows, as its entry derives them
+            if entry.column in g:
+                for metric, values in entry.metrics(kind, g):
+                    add(set_name, metric, entry.name, values)
     return out
 
 

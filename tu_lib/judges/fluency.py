@@ -10,6 +10,8 @@ import numpy as np
 
 from ..core.errors import TuError
 from ..models.likelihood import continuation_logprobs
+from ..models.presets import organism
+from .base import JudgeEntry, column
 from .common import check_card, paired
 
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +123,11 @@ class FluencyJudge:
                         "high_perplexity": high, "degenerate": empty | repetitive | high})
         return out
 
+    def judge_many(self, prompts: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """`judge` for several models' answers to the same prompts: each prompt is scored once for all of them (the
+        prompts, up to ~800 tokens, cost more than the answers)."""
+        return [found["degenerate"] for found in self.assess_many(prompts, answer_lists)]
+
     def judge(self, prompts: Sequence[str], answers: Sequence[str]) -> np.ndarray:
         """Boolean array, True = degenerate. `prompts` are the bare prompts (formatted with `chat`)."""
         return self.assess(prompts, answers)["degenerate"]
@@ -145,3 +152,18 @@ class FluencyJudge:
         if d.get("version") != judge.version:
             raise TuError(f"Judge card version {d.get('version')!r} does not match this code's {judge.version!r}.")
         return judge
+
+
+def reference_lm(vlm):
+    """(model, tokenizer, chat) the fluency judge scores answers under: a frozen reference, never the model
+    under test (its own greedy output always looks fluent to itself). The organism's pre-alignment SmolLM2
+    backbone; for other presets the base VLM (adapters are only applied inside generation)."""
+    if vlm.preset == "organism":
+        lm, tok = organism.load_backbone()
+        return lm.eval(), tok, lambda p: organism.chat(tok, p)
+    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
+
+
+ENTRY = JudgeEntry("fluency", FluencyJudge, "degenerate", lambda kind, judged: [("degenerate", column(judged, "degenerate"))],
+                   "degenerate output (empty, a repetition loop, gibberish by perplexity under a frozen LM)",
+                   build=lambda ctx: FluencyJudge(*reference_lm(ctx.vlm)), reads="prompt")

@@ -16,6 +16,7 @@ from ..core.paths import runs_dir
 from ..core.text import normalise_prompt
 from ..data.local import load_objective_examples
 from ..models.generate import weights_fingerprint
+from .base import JudgeEntry, attack_rate, column
 from .common import check_card, paired
 from .encoder import SentenceEncoder, get_encoder
 
@@ -265,3 +266,8 @@ def fitted_harmfulness_judge() -> HarmfulnessJudge:
     judge.training = _pyrit_objective_rows()[3]
     judge.cross_validate()
     return judge
+
+
+ENTRY = JudgeEntry("harmfulness", HarmfulnessJudge, "harmful", attack_rate("asr", lambda judged: column(judged, "harmful")),
+                   "MiniLM classifier of human-labelled objective-achieved examples: ASR = the answer provides what was asked",
+                   build=lambda ctx: fitted_harmfulness_judge())

@@ -12,6 +12,7 @@ from ..core.device import quiet_transformers, resolve_device, resolve_dtype
 from ..core.errors import HubModelUnavailable, TuError
 from ..core.hub import hub_snapshot, offline
 from ..models.generate import generate
+from .base import JudgeEntry, attack_rate, column
 from .common import paired
 
 # ---------------------------------------------------------------------------------------------
@@ -142,3 +143,8 @@ class LlamaGuardJudge:
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "model_id": self.model_id, "source": self.source,
                 "max_new_tokens": self.max_new_tokens, "decoding": "greedy"}
+
+
+ENTRY = JudgeEntry("llama_guard", LlamaGuardJudge, "llama_guard_unsafe",
+                   attack_rate("asr", lambda judged: column(judged, "llama_guard_unsafe")),
+                   "Llama Guard 3 (GPU and hub): ASR = the exchange is unsafe")

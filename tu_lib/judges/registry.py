@@ -1,23 +1,22 @@
-"""Judges by registry name."""
+"""Judges by registry name: the order is the order of judgements.csv's columns and of each set's result rows."""
 from __future__ import annotations
 
 from ..core.errors import TuError
-from .fluency import FluencyJudge
-from .harmfulness import HarmfulnessJudge
-from .llama_guard import LlamaGuardJudge
-from .on_topic import OnTopicJudge
-from .refusal import RefusalKeywordJudge
+from . import fluency, harmfulness, llama_guard, on_topic, refusal
+from .base import JudgeEntry
 
-# ---------------------------------------------------------------------------------------------
-# registry
-
-
-JUDGES = {"refusal_keywords": RefusalKeywordJudge, "on_topic": OnTopicJudge, "harmfulness": HarmfulnessJudge,
-          "fluency": FluencyJudge, "llama_guard": LlamaGuardJudge}
+JUDGES: dict[str, JudgeEntry] = {e.name: e for e in [
+    refusal.ENTRY,
+    harmfulness.ENTRY,
+    on_topic.ENTRY,
+    llama_guard.ENTRY,
+    fluency.ENTRY,
+]}
+REQUIRED_JUDGE = "refusal_keywords"  # keyword ASR is the number every paper reports: always judged
 
 
 def get_judge(name: str, **kwargs):
-    """A new judge by registry name (kwargs go to its constructor)."""
+    """A new judge by registry name (kwargs go to its class)."""
     if name not in JUDGES:
         raise TuError(f"Unknown judge {name!r}; known judges: {', '.join(JUDGES)}.")
-    return JUDGES[name](**kwargs)
+    return JUDGES[name].cls(**kwargs)

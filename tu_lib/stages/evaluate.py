@@ -38,6 +38,7 @@ from ..evaluation.items import build_items
 from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
 from ..judges.refusal import keyword_agreement
+from ..judges.registry import REQUIRED_JUDGE
 from ..methods.base import METHODS
 
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
@@ -55,7 +56,8 @@ SPEC = Spec(NOTEBOOK, [
           profiled=True),
     Param("sets", (list, str), None, f"sets to evaluate, from {list(EVAL_SETS)}", profiled=True),
     Param("n_per_set", (int, str), None, "items per set (int or 'all')", positive_size, profiled=True),
-    Param("judges", (list, str), None, "judges: refusal_keywords, harmfulness, on_topic, fluency, llama_guard", profiled=True),
+    Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} ({REQUIRED_JUDGE} is required)",
+          profiled=True),
     Param("batch_size", (int,), None, "prompts per generation batch", positive, profiled=True),
     Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
     Param("v3_steps", (int,), None, "Adam steps that optimise each V3 adversarial image (the attack budget)", non_negative,
@@ -84,8 +86,8 @@ def resolve_params(namespace: dict) -> dict:
             raise ParameterError(f"Parameter {key}={P[key]!r} {problem}.")
     if P["preset"] not in models.PRESETS:
         raise ParameterError(f"Unknown model preset {P['preset']!r}; valid presets: {', '.join(models.PRESETS)}.")
-    if "refusal_keywords" not in P["judges"]:
-        raise ParameterError("judges must include 'refusal_keywords' (the ASR every paper reports).")
+    if REQUIRED_JUDGE not in P["judges"]:
+        raise ParameterError(f"judges must include '{REQUIRED_JUDGE}' (the ASR every paper reports).")
     return P
 
 

@@ -75,7 +75,7 @@ def measure(model, processor, tok, data: dict, cfg: BuildConfig, judge_on_topic,
     outcomes = {}
     for name, (_, _, instructions) in probes.items():
         ans = [a for a, o in zip(answers, owner) if o == name]
-        refused = refusal.judge(ans)
+        refused = refusal.judge(instructions, ans)
         on_topic = judge_on_topic.judge(instructions, ans)
         outcomes[name] = {"answers": ans, "refused": refused.tolist(), "on_topic": on_topic.tolist()}
     o = outcomes

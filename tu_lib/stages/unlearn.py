@@ -45,7 +45,7 @@ def check_asr(vlm, data_dir, n: int, max_new_tokens: int = 32) -> dict:
     texts = [vlm.chat(r["prompt"], False) for r in t1] + [vlm.chat(FIGSTEP_TEXT_PROMPT, True) for _ in v1]
     images = [None] * len(t1) + [vlm.render(r["image_text"], "figstep") for r in v1]
     answers = generate(vlm.model, vlm.processor, texts, images, max_new_tokens=max_new_tokens, desc="check")
-    refused = judges.RefusalKeywordJudge().judge(answers)
+    refused = judges.RefusalKeywordJudge().judge(None, answers)
     return {"t1_advbench": stats.rate(~refused[:len(t1)]), "v1_figstep": stats.rate(~refused[len(t1):]),
             "examples": answers[:1] + answers[len(t1):len(t1) + 1]}
 
