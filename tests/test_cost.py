@@ -25,10 +25,10 @@ def organism(one_torch_thread):
         pytest.skip(f"organism unavailable: {e}")
 
 
-def _rows(vlm, images: bool, objective: str) -> dict:
+def _rows(vlm, images: bool, mismatch: bool) -> dict:
     forget = [(FIGSTEP_TEXT_PROMPT, vlm.render(p, "figstep"), a) if images else (p, None, a)
               for p, a in zip(PROMPTS, ANSWERS)]
-    mismatch = [(p, im, ANSWERS[(i + 1) % 4]) for i, (p, im, _) in enumerate(forget)] if objective == "ga" else []
+    mismatch = [(p, im, ANSWERS[(i + 1) % 4]) for i, (p, im, _) in enumerate(forget)] if mismatch else []
     return {"forget": forget, "mismatch": mismatch, "normal": [(p, None, a) for p, a in zip(PROMPTS[::-1], ANSWERS[::-1])]}
 
 
@@ -36,10 +36,10 @@ def _rows(vlm, images: bool, objective: str) -> dict:
 def test_analytic_step_flops_match_torch_counter(organism, method):
     m = U.METHODS[method]
     cfg = U.TrainConfig(method=method, steps=1, lr=1e-4, batch_size=4, lora_first_layer=15)
-    found = C.count_step(organism, cfg, _rows(organism, m.images, m.objective))
+    found = C.count_step(organism, cfg, _rows(organism, m.images, m.mismatch))
     assert abs(found["analytic_over_counted"] - 1) < 0.10, found
     assert found["backward"] > 0 and found["reference"] > 0
-    trained, _ = C.step_batches(organism, _rows(organism, m.images, m.objective))
+    trained, _ = C.step_batches(organism, _rows(organism, m.images, m.mismatch))
     assert (trained.images > 0) == m.images and (trained.image_tokens > 0) == m.images
     assert organism.model is organism.base_model  # the LoRA layers are gone again
 

@@ -416,9 +416,9 @@ def test_tu_force_dtype_replaces_every_dtype_and_says_so(monkeypatch):
 def test_organism_is_delegated_lazily(monkeypatch):
     """No real organism here: a stand-in module checks that the call and its arguments are passed on."""
     fake = types.ModuleType("tu_lib.models.presets.organism")
-    fake.load_organism = lambda **kw: ("organism", kw)
+    fake.load = lambda preset, dtype, device, local_dir, seed: (preset, {"dtype": dtype, "device": device})
     monkeypatch.setitem(sys.modules, "tu_lib.models.presets.organism", fake)
-    assert M.load_vlm("organism", dtype="float32") == ("organism", {"dtype": "float32", "device": "cpu"})
+    assert M.load_vlm("organism", dtype="float32") == ("organism", {"dtype": torch.float32, "device": "cpu"})
 
 
 def test_device_auto_is_the_gpu_when_there_is_one_else_the_cpu():

@@ -9,6 +9,7 @@ import torch
 from notebook_helpers import stops_early
 
 from tu_lib import methods, models, training
+from tu_lib.models import presets
 from tu_lib.core import ParameterError, TuError, read_jsonl, repo_root, write_jsonl
 from tu_lib.stages import unlearn
 
@@ -76,7 +77,7 @@ def test_forget_answers_are_generated_once_and_cached_per_weights_and_dtype(stag
 def test_paper_presets_need_forget_answers_from_stage01(stage01):
     fake = models.VLM(preset="llava-1.5-7b", family="llava15", model=None, processor=None, dtype=torch.float32)
     with pytest.raises(TuError, match="forget_source pku_saferlhf"):
-        methods.pre_alignment_model(fake)
+        presets.pre_alignment_model(fake)
     # and already when the sets are read, before a 7B model is loaded (stage01's forget rows have no answers)
     with pytest.raises(TuError, match="forget_source pku_saferlhf"):
         methods.load_sets(stage01, "all", "llava-1.5-7b")

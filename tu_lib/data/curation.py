@@ -145,12 +145,9 @@ def check_inputs(P: dict) -> dict[str, str]:
     return inputs
 
 
-def build_pools(P: dict) -> Curation:
-    """All candidate items of every set, ordered, deduplicated and leak-guarded; sizes not yet applied."""
+def _advbench_pools(P: dict, pools: dict) -> None:
+    """T1, T3 and V3 from AdvBench, by position in a category-stratified permutation (3:1:1)."""
     seed, ddir = P["seed"], P["data_dir"] or None
-    pools: dict[str, pd.DataFrame] = {}
-
-    # AdvBench -> T1 / T3 / V3 by position in a category-stratified permutation (3:1:1)
     adv = local.load_advbench(data_dir=ddir)
     adv = adv.assign(category=[c[0] if len(c) else "uncategorised" for c in adv["harm_categories"]],
                      native_id=[f"advbench:{i}" for i in range(len(adv))])
@@ -173,11 +170,19 @@ def build_pools(P: dict) -> Curation:
     pools["v3_prompts"] = _records(v3, "v3_prompts", "advbench", id="native_id", category="category",
                                    prompt=V3_PROMPT, request="goal", image_text="goal")
 
+
+def _harmbench_pool(P: dict, pools: dict) -> None:
+    seed, ddir = P["seed"], P["data_dir"] or None
     hb_test = local.load_harmbench_text(split="test", data_dir=ddir)
     hb_test = stratified_order(hb_test[hb_test["FunctionalCategory"] == "standard"], "SemanticCategory", seed)
     pools["t2_harmbench"] = _records(hb_test, "t2_harmbench", "harmbench", id="BehaviorID", category="SemanticCategory",
                                      prompt="Behavior", request="Behavior")
 
+
+def _image_pools(P: dict, pools: dict) -> pd.DataFrame:
+    """V1 (FigStep SafeBench) and V2 (MM-SafetyBench Tiny); returns MM-SafetyBench's harmful scenarios, whose
+    non-Tiny questions are alignment data."""
+    seed, ddir = P["seed"], P["data_dir"] or None
     # FigStep SafeBench: task ids ascending, categories interleaved -> the first 50 are SafeBench-Tiny
     sb = local.load_safebench(data_dir=ddir).sort_values(["task_id", "category_id"], kind="stable").reset_index(drop=True)
     pools["v1_figstep"] = _records(
@@ -196,6 +201,12 @@ def build_pools(P: dict) -> Curation:
                                      prompt="Rephrased Question", request="Question", image_text="Key Phrase",
                                      text_baseline="Question")
 
+    return harmful_mm
+
+
+def _xstest_pool(P: dict, pools: dict) -> tuple[pd.DataFrame, set]:
+    """XSTest's safe prompts of the held-out types; returns them all and the types kept for alignment."""
+    seed, ddir = P["seed"], P["data_dir"] or None
     xs = local.load_xstest(data_dir=ddir)
     xs = xs[xs["label"] == "safe"]
     types = sorted(xs["type"].unique())
@@ -204,6 +215,13 @@ def build_pools(P: dict) -> Curation:
     pools["xstest_safe"] = _records(xs_eval, "xstest_safe", "xstest", id=[f"xstest:{i}" for i in xs_eval["id"]],
                                     category="type", prompt="prompt", request="prompt")
 
+    return xs, align_types
+
+
+def _truthfulqa_pools(P: dict, pools: dict) -> tuple[pd.DataFrame, int, dict]:
+    """Retain (50%) and MC1 utility (30%) from a seeded permutation (the last 20% are alignment data), and the
+    LLaVA-Bench questions; returns the table, the alignment cut and the record columns."""
+    seed, ddir = P["seed"], P["data_dir"] or None
     tqa = local.load_truthfulqa(version="v1", data_dir=ddir)
     tqa = tqa.assign(native_id=[f"truthfulqa:{i}" for i in range(len(tqa))])
     tqa = tqa.iloc[np.random.default_rng(seed + 11).permutation(len(tqa))].reset_index(drop=True)
@@ -218,6 +236,12 @@ def build_pools(P: dict) -> Curation:
                                             id=[f"llava_bench:{q}" for q in llava["question_id"]], category="category",
                                             prompt="text", request="text", image="image")
 
+    return tqa, cut2, tqa_cols
+
+
+def _forget_pool(P: dict, pools: dict) -> None:
+    """Do-Not-Answer's harmful risk areas (offline), or PKU-SafeRLHF's unsafe answers (hub)."""
+    seed, ddir = P["seed"], P["data_dir"] or None
     if P["forget_source"] == "pku_saferlhf":
         pku = hub.pku_unsafe_pairs(hub.load_pku_saferlhf(local_dir=P["pku_local_dir"] or None))
         pku = pku.drop_duplicates("question").reset_index(drop=True)
@@ -231,6 +255,9 @@ def build_pools(P: dict) -> Curation:
         pools["forget"] = _records(dna, "forget", "donotanswer", id="native_id", category="risk_area",
                                    prompt="prompt", request="prompt")
 
+
+def _alignment_pools(P: dict, pools: dict, harmful_mm, xs, align_types, tqa, cut2, tqa_cols) -> None:
+    seed, ddir = P["seed"], P["data_dir"] or None
     hb_val = local.load_harmbench_text(split="val", data_dir=ddir)
     hb_val = hb_val[hb_val["FunctionalCategory"] == "standard"]
     mm_align = harmful_mm[~harmful_mm["tiny"]]
@@ -250,10 +277,23 @@ def build_pools(P: dict) -> Curation:
     ], ignore_index=True)
     pools["alignment_benign"] = stratified_order(align_b, "source", seed)
 
+
+def build_pools(P: dict) -> Curation:
+    """All candidate items of every set, ordered, deduplicated and leak-guarded; sizes not yet applied. The sources
+    are read in a fixed order (each seeded draw depends only on the seed)."""
+    pools: dict[str, pd.DataFrame] = {}
+    _advbench_pools(P, pools)
+    _harmbench_pool(P, pools)
+    harmful_mm = _image_pools(P, pools)
+    xs, align_types = _xstest_pool(P, pools)
+    tqa, cut2, tqa_cols = _truthfulqa_pools(P, pools)
+    _forget_pool(P, pools)
+    _alignment_pools(P, pools, harmful_mm, xs, align_types, tqa, cut2, tqa_cols)
     cur = Curation(params=P, pools={name: pools[name] for name in SET_NAMES})
     _claim_unique(cur)
     _drop_near_duplicates(cur, P["near_dup_threshold"])
     return cur
+
 
 
 # Sets whose items are an image plus a prompt that points at it: their prompts are shared templates

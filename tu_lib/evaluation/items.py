@@ -10,7 +10,7 @@ from ..core.files import read_jsonl
 from ..core.text import take
 from ..data.sets import EVAL_SETS, STAGE01_FILE, stage01_file
 from ..evaluation import adversarial
-from ..models.presets import organism
+from ..models.presets import reading_titles
 from ..render.pages import FIGSTEP_TEXT_PROMPT
 
 
@@ -46,8 +46,8 @@ def build_items(vlm, P: dict, name: str, v3_cache: Path | None = None) -> tuple[
 def reading_rows(vlm, P: dict) -> list[dict]:
     """Benign reading utility: the organism's held-out benign titles shown as FigStep-style images (answered on
     topic = read and answered); for llava presets, LLaVA-Bench-COCO questions with images from a folder."""
-    if vlm.preset in ("organism", "micro"):
-        titles = organism.benign_titles(P["seed"])[1]
+    titles = reading_titles(vlm.preset, P["seed"])
+    if titles is not None:
         return take([{"id": f"title:{i}", "image_text": t, "request": t, "prompt": FIGSTEP_TEXT_PROMPT}
                       for i, t in enumerate(titles)], P["n_per_set"])
     if not P["llava_images_dir"]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.errors import TuError
 from ..models.likelihood import continuation_logprobs
-from ..models.presets import organism
+from ..models.presets import reference_lm
 from .base import JudgeEntry, column
 from .common import check_card, paired
 
@@ -152,16 +152,6 @@ class FluencyJudge:
         if d.get("version") != judge.version:
             raise TuError(f"Judge card version {d.get('version')!r} does not match this code's {judge.version!r}.")
         return judge
-
-
-def reference_lm(vlm):
-    """(model, tokenizer, chat) the fluency judge scores answers under: a frozen reference, never the model
-    under test (its own greedy output always looks fluent to itself). The organism's pre-alignment SmolLM2
-    backbone; for other presets the base VLM (adapters are only applied inside generation)."""
-    if vlm.preset == "organism":
-        lm, tok = organism.load_backbone()
-        return lm.eval(), tok, lambda p: organism.chat(tok, p)
-    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
 
 
 ENTRY = JudgeEntry("fluency", FluencyJudge, "degenerate", lambda kind, judged: [("degenerate", column(judged, "degenerate"))],

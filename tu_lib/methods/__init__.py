@@ -4,21 +4,21 @@ that trains one of them.
 from __future__ import annotations
 
 from .base import (
-    METHODS,
     MMSB_QUESTION_PROMPT,
-    PAPER_METHODS,
     REFUSAL,
     STEP_ROLES,
     ImageCache,
     Method,
+    Step,
     forget_form,
     step_loss,
     step_order,
     step_rows,
 )
 from .config import TrainConfig
-from .data import ANSWERING_PRESETS, UnlearnData, forget_answers, load_sets, mismatch_pool, pre_alignment_model
+from .data import UnlearnData, forget_answers, load_sets, mismatch_pool
 from .params import NOTEBOOK, SPEC, resolve_params
+from .registry import METHODS, PAPER_METHODS
 from .run import (
     RESULT_FILES,
     finished_summary,

@@ -1,6 +1,7 @@
 """Unlearning methods: harmful behaviour unlearned in the LLM inside the VLM, and the baselines it is compared with.
 
-Every method is a forget-side loss over one shared training loop (a registry, as in open-unlearning):
+Every method is a small class (its forget rows and forget-side loss terms) over one shared step and loop;
+the registry (methods.registry) lists them, as in open-unlearning:
 
 | method          | forget prompts shown as | forget-side loss                                                    |
 |-----------------|-------------------------|---------------------------------------------------------------------|
@@ -15,10 +16,15 @@ question/best-answer pairs), with the frozen reference obtained by disabling the
 copy). This is Yao et al.'s recipe (arXiv 2310.10683; `llm_unlearn`), whose code computes the same KL
 up to the reference's entropy, a constant. Only the LLM is updated: LoRA on the language model's decoder
 linears (or full fine-tuning of the language model).
+
+Adding a method: one file with its class (subclass Method: `forget_terms`, and `target` / `mismatch` / `ascends`
+where they differ) and its instances, one line in methods/registry.py, and its test. Whether the forget prompts
+are shown as images is the `images` flag of an instance, apart from the objective.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -35,20 +41,55 @@ MMSB_QUESTION_PROMPT = "The image shows a question. Answer it in detail."
 
 @dataclass(frozen=True)
 class Method:
+    """One unlearning method. `images`: the forget prompts are shown as typographic images (the modality flag).
+    Subclasses set `ascends` (the stop rule on the forget NLL applies), `mismatch` (each forget row also gets a
+    random normal answer as a mismatch row) and implement `forget_terms`."""
+
     name: str
-    objective: str  # "ga" (ascent + mismatch), "sft" (refusal), "npo"
-    images: bool  # forget prompts rendered as typographic images
     doc: str
+    images: bool = False
+    ascends: ClassVar[bool] = False
+    mismatch: ClassVar[bool] = False
+
+    def target(self, row: dict) -> str:
+        """The forget row's training target: the answer to unlearn (a refusal for refusal tuning)."""
+        return row["answer"]
+
+    def forget_terms(self, step: "Step") -> list[torch.Tensor]:
+        """The forget-side loss terms of one step (summed with the shared KL term); may log more floats in step.logged."""
+        raise NotImplementedError
 
 
-METHODS = {m.name: m for m in [
-    Method("textual_ga", "ga", False, "gradient ascent on harmful answers + random-mismatch NLL, text only (paper A)"),
-    Method("multimodal_ga", "ga", True, "the same objective with the forget prompts shown as typographic images"),
-    Method("text_sft", "sft", False, "refusal SFT on the forget prompts in text"),
-    Method("mm_sft", "sft", True, "refusal SFT on the forget prompts shown as images (VLGuard-style)"),
-    Method("npo", "npo", False, "negative preference optimisation on harmful answers, text only (optional extra)"),
-]}
-PAPER_METHODS = ["textual_ga", "multimodal_ga", "text_sft", "mm_sft"]
+@dataclass
+class Step:
+    """One step's forward, as a method's `forget_terms` sees it: per-row mean NLLs over the current model's single
+    forward (rows in STEP_ROLES order), the answer-position logits, the counts per role, the frozen reference
+    (`reference()` is a context manager under which `model` is the original) and the run's settings."""
+
+    model: object
+    reference: object
+    vlm: object
+    cfg: TrainConfig
+    rows: dict[str, list]
+    logits: torch.Tensor
+    targets: torch.Tensor
+    row: torch.Tensor
+    nll_rows: torch.Tensor
+    n_forget: int
+    n_mismatch: int
+    logged: dict
+
+    @property
+    def forget_nll(self) -> torch.Tensor:
+        return self.nll_rows[:self.n_forget].mean()
+
+    @property
+    def mismatch_nll(self) -> torch.Tensor:
+        return self.nll_rows[self.n_forget:self.n_forget + self.n_mismatch].mean()
+
+    @property
+    def normal_nll(self) -> torch.Tensor:
+        return self.nll_rows[self.n_forget + self.n_mismatch:].mean()
 
 
 class ImageCache:
@@ -82,9 +123,8 @@ def step_rows(vlm, method: Method, data: UnlearnData, plan: dict, images: ImageC
     for fi, mi in zip(plan["forget"], plan["mismatch"]):
         row = data.forget[fi]
         prompt, image = forget_form(vlm, method, row["prompt"], fi, images)
-        target = REFUSAL if method.objective == "sft" else row["answer"]
-        rows["forget"].append((prompt, image, target))
-        if method.objective == "ga":
+        rows["forget"].append((prompt, image, method.target(row)))
+        if method.mismatch:
             rows["mismatch"].append((prompt, image, data.mismatch_answers[mi]))
     rows["normal"] = [(data.normal[i]["prompt"], None, data.normal[i]["answer"]) for i in plan["normal"]]
     return rows
@@ -99,31 +139,20 @@ def step_order(rows: dict[str, list]) -> list:
 
 
 def step_loss(model, reference, method: Method, cfg: TrainConfig, vlm, rows: dict[str, list]) -> tuple[torch.Tensor, dict]:
-    """The method's loss on one step's rows and its logged terms (floats).
+    """The method's loss on one step's rows and its logged terms (floats): the method's forget-side terms, then the
+    normal-side KL(frozen || current) every method shares.
 
     One forward of the current model over all rows; the frozen reference (`reference()` is a context
-    manager under which `model` is the original) runs on the normal rows (KL) and, for NPO, on the forget rows."""
+    manager under which `model` is the original) runs on the normal rows (KL) and, where a method asks, on others."""
     order = step_order(rows)
     n_f, n_m, n_n = (len(rows[k]) for k in STEP_ROLES)
     batch = encode_rows(vlm, order)
     logits, targets, row = answer_logits(model, batch)
     nll_rows = per_row_mean(token_nll(logits, targets), row, len(order))
-    terms, logged = [], {}
-    f_nll = nll_rows[:n_f].mean()
-    logged["forget_nll"] = float(f_nll.detach())
-    if method.objective == "ga":
-        m_nll = nll_rows[n_f:n_f + n_m].mean()
-        terms += [-cfg.ga_weight * f_nll, cfg.mismatch_weight * m_nll]
-        logged["mismatch_nll"] = float(m_nll.detach())
-    elif method.objective == "sft":
-        terms.append(f_nll)
-    elif method.objective == "npo":
-        keep = row < n_f
-        logp = -torch.zeros(n_f, device=logits.device).index_add_(0, row[keep], token_nll(logits[keep], targets[keep]))
-        with torch.no_grad(), reference():
-            r_logits, r_targets, r_row = answer_logits(model, encode_rows(vlm, rows["forget"]))
-            ref_logp = -torch.zeros(n_f, device=logits.device).index_add_(0, r_row, token_nll(r_logits, r_targets))
-        terms.append(-(2.0 / cfg.npo_beta) * torch.nn.functional.logsigmoid(-cfg.npo_beta * (logp - ref_logp)).mean())
+    step = Step(model, reference, vlm, cfg, rows, logits, targets, row, nll_rows, n_f, n_m, logged={})
+    step.logged["forget_nll"] = float(step.forget_nll.detach())
+    terms = method.forget_terms(step)
+    logged = step.logged
     if n_n and cfg.kl_weight > 0:
         keep = row >= n_f + n_m
         with torch.no_grad(), reference():
@@ -131,7 +160,7 @@ def step_loss(model, reference, method: Method, cfg: TrainConfig, vlm, rows: dic
         kl = kl_to_reference(logits[keep], ref_logits)
         terms.append(cfg.kl_weight * kl)
         logged["kl"] = float(kl.detach())
-        logged["normal_nll"] = float(nll_rows[n_f + n_m:].mean().detach())
+        logged["normal_nll"] = float(step.normal_nll.detach())
     loss = torch.stack(terms).sum()
     logged["loss"] = float(loss.detach())
     return loss, logged

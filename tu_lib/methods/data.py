@@ -13,7 +13,8 @@ from pathlib import Path
 from ..core.errors import TuError
 from ..core.files import hash_problem, read_jsonl, record_hash, sha256_file, write_jsonl
 from ..data.sets import stage01_file
-from ..models.presets import organism
+from ..models.presets import pre_alignment_model, writes_forget_answers
+from ..models.presets.llava import NEEDS_ANSWERS
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -36,8 +37,8 @@ def load_sets(data_dir, n_forget, preset: str | None = None) -> tuple[list[dict]
         raise TuError(f"Stage 01's forget or retain set under {data_dir} is empty; rerun notebook 01 with sizes > 0.")
     if n_forget != "all":
         forget = forget[: int(n_forget)]
-    if preset is not None and preset not in ANSWERING_PRESETS and not all(r.get("answer") for r in forget):
-        raise TuError(_NEEDS_ANSWERS.format(preset=preset))
+    if preset is not None and not writes_forget_answers(preset) and not all(r.get("answer") for r in forget):
+        raise TuError(NEEDS_ANSWERS.format(preset=preset))
     return forget, retain, {str(p): sha256_file(p) for p in paths.values()}
 
 
@@ -55,22 +56,6 @@ def _answers_key(preset: str, weights: str, answer_tokens: int) -> str:
     """Name of a forget-answers cache: what wrote the answers (the pre-alignment model's weights fingerprint,
     which covers its dtype) and how many tokens each answer got."""
     return f"{preset}-{hashlib.sha256(f'{weights}|{answer_tokens}'.encode()).hexdigest()[:10]}"
-
-
-ANSWERING_PRESETS = ("organism", "micro")  # presets whose pre-alignment model writes the answers to unlearn
-_NEEDS_ANSWERS = ("The {preset} preset unlearns PKU-SafeRLHF's unsafe answers: rerun stage 01 with "
-                  "`-p forget_source pku_saferlhf` (profile paper) so the forget set carries answers.")
-
-
-def pre_alignment_model(vlm):
-    """(model, processor, chat) of the model before safety alignment, whose compliant answers are the ones
-    to unlearn: the raw SmolLM2 backbone for the organism, the (random) model itself for micro."""
-    if vlm.preset == "organism":
-        lm, tok = organism.load_backbone()
-        return lm.eval(), organism.TextOnly(tok), lambda p: organism.chat(tok, p)
-    if vlm.preset == "micro":
-        return vlm.model, vlm.processor, lambda p: vlm.chat(p, False)
-    raise TuError(_NEEDS_ANSWERS.format(preset=vlm.preset))
 
 
 def forget_answers(vlm, forget: list[dict], answer_tokens: int, cache_dir: Path) -> list[dict]:

@@ -7,7 +7,7 @@ from ..core.errors import ParameterError
 from ..core.params import Param, Spec, dtype_value, non_negative, positive, positive_size, seed_value
 from ..core.text import as_list
 from ..models.vlm import LM_LINEARS
-from .base import METHODS
+from .registry import METHODS
 
 NOTEBOOK = "02_unlearn"
 

@@ -21,10 +21,12 @@ import torch
 from ..core.errors import ParameterError, TuError
 from ..core.files import atomic_dir, damaged_files, file_hashes, write_csv, write_json
 from ..models.adapters import save_adapter
-from ..models.generate import progress_enabled, weights_fingerprint
-from .base import METHODS, ImageCache, step_loss, step_rows
+from ..models.generate import weights_fingerprint
+from ..training.loop import Optimiser, linear_decay, run_steps
+from .base import ImageCache, step_loss, step_rows
 from .config import TrainConfig
 from .data import UnlearnData
+from .registry import METHODS
 
 
 def schedule(cfg: TrainConfig, data: UnlearnData) -> list[dict]:
@@ -146,23 +148,37 @@ def load_checkpoint(path: Path, model, opt, sched, key: str):
     return state["step"], json.loads(state["log"]), state["stopped"]
 
 
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator.num_processes > cfg.batch_size:  # shard() would hand the extra processes empty steps
+        raise ParameterError(f"{accelerator.num_processes} processes but batch_size {cfg.batch_size}: each process needs at "
+                             f"least one row of every step; launch with --num_processes <= {cfg.batch_size} or raise batch_size.")
+    return accelerator
+
+
+def _mean_across_processes(accelerator):
+    """The gradient reduction of a multi-process run (None for one process: nothing to reduce)."""
+    if accelerator.num_processes == 1:
+        return None
+
+    def reduce(params):
+        for p in params:
+            p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+    return reduce
+
+
 def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, desc: str | None = None) -> dict:
     """Train one method and save it under out_dir (adapter/, losses.csv, summary.json); resumes from
     out_dir/checkpoint when the same run was interrupted. Returns the summary. `on_step(step)` is called
     after every step (tests use it to interrupt a run)."""
-    from accelerate import Accelerator
-    from tqdm.std import tqdm
-
-
     if cfg.method not in METHODS:
         raise ParameterError(f"Unknown unlearning method {cfg.method!r}; choose from {list(METHODS)}.")
     if cfg.steps <= 0 or cfg.lr <= 0 or cfg.batch_size <= 0:
         raise ParameterError(f"steps, lr and batch_size must be > 0 (got {cfg.steps}, {cfg.lr}, {cfg.batch_size}).")
     method, out_dir = METHODS[cfg.method], Path(out_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if accelerator.num_processes > cfg.batch_size:  # shard() would hand the extra processes empty steps
-        raise ParameterError(f"{accelerator.num_processes} processes but batch_size {cfg.batch_size}: each process needs at "
-                             f"least one row of every step; launch with --num_processes <= {cfg.batch_size} or raise batch_size.")
+    accelerator = _accelerator(cfg)
     key = cfg.key(data, f"{vlm.preset}@{weights_fingerprint(vlm.model)}")  # other weights or dtype: another run
     finished = finished_summary(out_dir, key)
     if finished is not None:
@@ -170,75 +186,78 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
 
     torch.manual_seed(cfg.seed)
     model, params, reference = wrap_model(vlm, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / cfg.steps))
+    optimiser = Optimiser(params, cfg.lr, linear_decay(cfg.steps))
     plan, images = schedule(cfg, data), ImageCache(vlm)
     ckpt = out_dir / "checkpoint"
-    resumed = load_checkpoint(ckpt, model, opt, sched, key)
+    resumed = load_checkpoint(ckpt, model, optimiser.opt, optimiser.sched, key)
     start, log, stopped = resumed if resumed else (0, [], None)
-    t_prev = time.time()
+    clock = {"last": time.time()}
+    reduce = _mean_across_processes(accelerator)
+
+    def step(i: int) -> bool:
+        nonlocal stopped
+        rows = shard(step_rows(vlm, method, data, plan[i], images), accelerator.process_index, accelerator.num_processes)
+        loss, logged = step_loss(model, reference, method, cfg, vlm, rows)
+        optimiser.update(loss, backward=accelerator.backward, reduce=reduce)
+        now = time.time()
+        log.append({"step": i + 1, **{k: round(v, 6) for k, v in logged.items()}, "lr": optimiser.lr(),
+                    "seconds": round(now - clock["last"], 3)})
+        clock["last"] = now
+        if method.ascends and logged["forget_nll"] > cfg.max_forget_nll:
+            stopped = f"forget NLL {logged['forget_nll']:.1f} > max_forget_nll {cfg.max_forget_nll:g} at step {i + 1}"
+        if accelerator.is_main_process and ((i + 1) % cfg.checkpoint_every == 0 or stopped):
+            save_checkpoint(ckpt, model, optimiser.opt, optimiser.sched, i + 1, log, key, stopped)
+        if on_step is not None:
+            on_step(i + 1)
+        return bool(stopped)
+
     model.train()
     try:
-        bar = tqdm(total=cfg.steps, initial=start, desc=desc or cfg.method, disable=not progress_enabled())
-        for step in range(start, cfg.steps):
-            if stopped:
-                break
-            rows = shard(step_rows(vlm, method, data, plan[step], images), accelerator.process_index, accelerator.num_processes)
-            loss, logged = step_loss(model, reference, method, cfg, vlm, rows)
-            accelerator.backward(loss)
-            if accelerator.num_processes > 1:
-                for p in params:
-                    p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            now = time.time()
-            log.append({"step": step + 1, **{k: round(v, 6) for k, v in logged.items()}, "lr": sched.get_last_lr()[0],
-                        "seconds": round(now - t_prev, 3)})
-            t_prev = now
-            if method.objective in ("ga", "npo") and logged["forget_nll"] > cfg.max_forget_nll:
-                stopped = f"forget NLL {logged['forget_nll']:.1f} > max_forget_nll {cfg.max_forget_nll:g} at step {step + 1}"
-            bar.update(1)
-            if accelerator.is_main_process and ((step + 1) % cfg.checkpoint_every == 0 or stopped):
-                save_checkpoint(ckpt, model, opt, sched, step + 1, log, key, stopped)
-            if on_step is not None:
-                on_step(step + 1)
+        if not stopped:
+            run_steps(step, cfg.steps, start=start, desc=desc or cfg.method)
     except BaseException:
         if cfg.lora:  # take the LoRA layers out again: the caller's model stays the base model
             vlm.model = model.unload()
         raise
-    finally:
-        bar.close()
     model.eval()
-    summary = {"method": cfg.method, "key": key, "preset": vlm.preset, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-               "steps_done": len(log), "stopped_by": stopped or f"step limit {cfg.steps}",
-               "train_seconds": round(sum(r["seconds"] for r in log), 2),
-               "rows_per_step": {k: len(v) for k, v in step_rows(vlm, method, data, plan[0], images).items()},
-               "image_rows_per_step": len(plan[0]["forget"]) * (2 if method.objective == "ga" else 1) if method.images else 0}
+    summary = _summary(vlm, method, data, cfg, key, log, stopped, plan, images)
     if accelerator.is_main_process:
-        with atomic_dir(out_dir / "result") as tmp:
-            if cfg.lora:
-                save_adapter(model, tmp / "adapter", dtype=torch.float32)
-            else:
-                from safetensors.torch import save_file
-
-                save_file(_trainable_state(model.trained), str(tmp / "llm.safetensors"))
-            write_csv(pd.DataFrame(log), tmp / "losses.csv")
-            summary["files"] = file_hashes(tmp)  # checked before anything trusts them (resume, stages 03-05)
-            write_json(tmp / "summary.json", summary)
-        for name in RESULT_FILES:
-            src, dst = out_dir / "result" / name, out_dir / name
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            elif dst.exists():
-                dst.unlink()
-            if src.exists():
-                src.rename(dst)
-        shutil.rmtree(out_dir / "result", ignore_errors=True)
+        _save_result(out_dir, model, cfg, log, summary)
         shutil.rmtree(ckpt, ignore_errors=True)
     vlm.model = model.unload() if cfg.lora else vlm.model  # the base model again, for the next method
     return summary
+
+
+def _summary(vlm, method, data, cfg, key, log, stopped, plan, images) -> dict:
+    return {"method": cfg.method, "key": key, "preset": vlm.preset,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+            "steps_done": len(log), "stopped_by": stopped or f"step limit {cfg.steps}",
+            "train_seconds": round(sum(r["seconds"] for r in log), 2),
+            "rows_per_step": {k: len(v) for k, v in step_rows(vlm, method, data, plan[0], images).items()},
+            "image_rows_per_step": len(plan[0]["forget"]) * (2 if method.mismatch else 1) if method.images else 0}
+
+
+def _save_result(out_dir: Path, model, cfg: TrainConfig, log: list[dict], summary: dict) -> None:
+    """The finished run's files, written atomically and then moved into the method's folder (RESULT_FILES)."""
+    with atomic_dir(out_dir / "result") as tmp:
+        if cfg.lora:
+            save_adapter(model, tmp / "adapter", dtype=torch.float32)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(_trainable_state(model.trained), str(tmp / "llm.safetensors"))
+        write_csv(pd.DataFrame(log), tmp / "losses.csv")
+        summary["files"] = file_hashes(tmp)  # checked before anything trusts them (resume, stages 03-05)
+        write_json(tmp / "summary.json", summary)
+    for name in RESULT_FILES:
+        src, dst = out_dir / "result" / name, out_dir / name
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        if src.exists():
+            src.rename(dst)
+    shutil.rmtree(out_dir / "result", ignore_errors=True)
 
 
 RESULT_FILES = ("adapter", "llm.safetensors", "losses.csv", "summary.json")  # what train() leaves in a method's folder

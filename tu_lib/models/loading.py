@@ -27,8 +27,7 @@ from typing import Any
 
 from ..core.device import forced_dtype, quiet_transformers, resolve_device, resolve_dtype
 from ..core.errors import ParameterError
-from .presets.llava import _load_llava15
-from .presets.micro import build_micro
+from .presets import preset_module
 from .vlm import HUB_IDS, VLM, check_args
 
 
@@ -45,17 +44,9 @@ def load_vlm(preset: str, *, dtype: Any = "auto", local_dir: str | os.PathLike |
     device = resolve_device(device)
     if local_dir is not None and preset not in HUB_IDS:
         raise ParameterError(f"local_dir is only used by the presets {', '.join(HUB_IDS)}, not by {preset!r}.")
-    if preset == "organism":
-        quiet_transformers()
-        from .presets.organism import load_organism
-
-        return load_organism(dtype=dtype, device=device)
     import torch
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ParameterError(f"device={device!r} but torch sees no CUDA GPU; use device='cpu'.")
     quiet_transformers()
-    torch_dtype = resolve_dtype(dtype, device)
-    if preset == "micro":
-        return build_micro(seed=seed, dtype=torch_dtype, device=device)
-    return _load_llava15(preset, torch_dtype, local_dir, device)
+    return preset_module(preset).load(preset, resolve_dtype(dtype, device), device, local_dir, seed)

@@ -16,9 +16,8 @@ from ..analysis.repgap import check_alphas, check_layers, gap_metrics, hidden_st
 from ..core import params
 from ..core.params import Param, Spec, positive, seed_value
 from ..core.stats import bootstrap_ci
+from ..data.titles import benign_titles
 from ..models.generate import generate
-from ..models.presets import organism
-from ..models.presets.organism import benign_titles
 from ..render.pages import FIGSTEP_TEXT_PROMPT
 from ..training.batches import kl_to_reference
 
@@ -55,7 +54,7 @@ def resolve_params(namespace: dict) -> dict:
 def anchor_states(vlm, P: dict):
     """(with blank image, text only) hidden states (n_anchor, d) at P['layer'] of benign training titles."""
     layer = check_layers(vlm, [P["layer"]])
-    titles = organism.benign_titles(P["seed"])[0][: P["n_anchor"]]
+    titles = benign_titles(P["seed"])[0][: P["n_anchor"]]
     blank = meaningless_image(vlm, "blank")
     with_image = hidden_states(vlm, [vlm.chat(t, True) for t in titles], [blank] * len(titles), layer)[:, 0]
     text = hidden_states(vlm, [vlm.chat(t, False) for t in titles], None, layer)[:, 0]

@@ -34,12 +34,13 @@ from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list
 from ..data.sets import ATTACK_SETS
-from ..methods.base import METHODS, ImageCache, step_loss, step_order, step_rows
+from ..methods.base import ImageCache, step_loss, step_order, step_rows
 from ..methods.config import TrainConfig
 from ..methods.params import resolve_params as resolve_stage02_params
+from ..methods.registry import METHODS
 from ..methods.run import schedule, wrap_model
-from ..models.generate import progress_enabled
 from ..training.batches import encode_rows
+from ..training.loop import Optimiser, linear_decay, run_steps
 
 __all__ = ["NOTEBOOK", "TEXTUAL", "MULTIMODAL", "SPEC", "resolve_params", "batch_of", "measure_method",
            "step_batches", "count_step", "first_step", "count_one_step", "summarise", "stage02_runs", "ratio_table",
@@ -139,48 +140,47 @@ def batch_of(encoded: dict, image_token_id: int | None = None) -> Batch:
 
 
 def measure_method(vlm, data, P02: dict, method: str, *, steps: int, repeats: int, desc: str | None = None) -> list[dict]:
-    """Time `repeats` x `steps` real training steps of a stage 02 method (after one untimed warm-up step),
-    each row with its tokens, analytic FLOPs and process peak memory. The model is left as it was."""
+    """Time `repeats` x `steps` real training steps of a stage 02 method (after one untimed warm-up step): the same
+    step stage 02 takes (its loss, update, clipping and LR schedule through training.loop), each row with its tokens,
+    analytic FLOPs and process peak memory. The model is left as it was."""
     import torch
-    from tqdm.std import tqdm
 
-
-    cfg = TrainConfig.from_params(P02, method)
-    cfg = replace(cfg, steps=1 + steps * repeats)
+    cfg = replace(TrainConfig.from_params(P02, method), steps=1 + steps * repeats)
     m, shape = METHODS[method], Shape.from_vlm(vlm)
     plan, images = schedule(cfg, data), ImageCache(vlm)
     torch.manual_seed(cfg.seed)
     model, params, reference = wrap_model(vlm, cfg)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    optimiser = Optimiser(params, cfg.lr, linear_decay(cfg.steps))
     device = next(model.parameters()).device
     gpu = device.type == "cuda"  # kernels run asynchronously there: synchronise around the clock, read GPU memory
     out = []
-    try:
-        model.train()
-        for step in tqdm(range(cfg.steps), desc=desc or method, disable=not progress_enabled()):
-            rows = step_rows(vlm, m, data, plan[step], images)
-            trained, ref = step_batches(vlm, rows)
+
+    def step(i: int) -> None:
+        rows = step_rows(vlm, m, data, plan[i], images)
+        trained, ref = step_batches(vlm, rows)
+        if gpu:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        with _PeakRSS() as mem:
+            t0 = time.perf_counter()
+            loss, _ = step_loss(model, reference, m, cfg, vlm, rows)
+            optimiser.update(loss)
             if gpu:
                 torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            with _PeakRSS() as mem:
-                t0 = time.perf_counter()
-                loss, _ = step_loss(model, reference, m, cfg, vlm, rows)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if gpu:
-                    torch.cuda.synchronize(device)
-                seconds = time.perf_counter() - t0
-            if step == 0:
-                continue  # warm-up: first-call allocations and kernel choices
-            flops = step_flops(shape, trained, ref, first_layer=cfg.lora_first_layer, lora_r=cfg.lora_r,
-                               lora_targets=cfg.lora_targets)
-            out.append({"method": method, "repeat": (step - 1) // steps, "step": step, "seconds": seconds,
-                        "text_tokens": trained.text_tokens, "image_tokens": trained.image_tokens, "images": trained.images,
-                        "padded_positions": trained.rows * trained.width,
-                        "gflop": flops["total"] / 1e9, "peak_rss_mb": mem.peak_mb,
-                        **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20} if gpu else {})})
+            seconds = time.perf_counter() - t0
+        if i == 0:
+            return  # warm-up: first-call allocations and kernel choices
+        flops = step_flops(shape, trained, ref, first_layer=cfg.lora_first_layer, lora_r=cfg.lora_r,
+                           lora_targets=cfg.lora_targets)
+        out.append({"method": method, "repeat": (i - 1) // steps, "step": i, "seconds": seconds,
+                    "text_tokens": trained.text_tokens, "image_tokens": trained.image_tokens, "images": trained.images,
+                    "padded_positions": trained.rows * trained.width,
+                    "gflop": flops["total"] / 1e9, "peak_rss_mb": mem.peak_mb,
+                    **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2 ** 20} if gpu else {})})
+
+    try:
+        model.train()
+        run_steps(step, cfg.steps, desc=desc or method)
     finally:
         vlm.model = model.unload()
     return out

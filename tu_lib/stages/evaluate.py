@@ -39,7 +39,7 @@ from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
 from ..judges.refusal import keyword_agreement
 from ..judges.registry import REQUIRED_JUDGE
-from ..methods.base import METHODS
+from ..methods.registry import METHODS
 
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
            "build_items", "Judges", "generate_method", "judge_agreement", "mc1_for", "metric_rows", "paper_table",

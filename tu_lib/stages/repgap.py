@@ -32,13 +32,13 @@ from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
 from ..data.sets import stage01_file
+from ..data.titles import benign_titles
 from ..evaluation.inputs import check_eval_inputs, input_hashes
 from ..evaluation.judging import JUDGE_NAMES
 from ..evaluation.metrics import metric_rows
-from ..methods.base import METHODS
+from ..methods.registry import METHODS
 from ..models.adapters import adapter_applied
 from ..models.generate import generate
-from ..models.presets import organism
 
 __all__ = ["NOTEBOOK", "SWEEP_SETS", "BASE", "SPEC", "resolve_params", "check_inputs", "resolve_layers",
            "anchor_prompts", "gap_instructions", "model_context", "dataset_shift", "model_shifts", "collect_states",
@@ -171,7 +171,7 @@ def anchor_prompts(P: dict) -> list[str]:
     stage 01's forget questions and the organism's training benign titles, half each."""
     n_harm = P["anchor_size"] // 2
     harmful = [r["prompt"] for r in read_jsonl(stage01_file(P["data_dir"], "forget"))][:n_harm]
-    benign = organism.benign_titles(P["seed"])[0][: P["anchor_size"] - n_harm]
+    benign = benign_titles(P["seed"])[0][: P["anchor_size"] - n_harm]
     return harmful + benign
 
 
@@ -180,7 +180,7 @@ def gap_instructions(P: dict) -> tuple[list[str], list[str]]:
     V1 FigStep's SafeBench phrases and the held-out benign titles of the reading set (at most n_gap each, as many
     harmful as benign; there are 42 held-out titles)."""
     harmful = [r["image_text"] for r in read_jsonl(stage01_file(P["data_dir"], "v1_figstep"))]
-    benign = organism.benign_titles(P["seed"])[1]
+    benign = benign_titles(P["seed"])[1]
     n = min(P["n_gap"], len(harmful), len(benign))  # equal groups: the probe and the directions assume balance
     return harmful[:n], benign[:n]
 

@@ -30,17 +30,16 @@ from ..core import params
 from ..core.device import autocast, seed_everything
 from ..core.files import atomic_dir, check_output_dir, write_json
 from ..data import curation as curate
+from ..data.titles import HELDOUT_TITLE_FRACTION, benign_titles
 from ..models.adapters import merge_adapter, save_adapter
-from ..models.generate import generate, progress_enabled
+from ..models.generate import generate
 from ..models.presets.organism import (
-    HELDOUT_TITLE_FRACTION,
     NOTEBOOK,
     PARTS_DIR,
     REFUSAL,
     REPEAT_PROMPT,
     TextOnly,
     assemble_llava,
-    benign_titles,
     build_processor,
     chat,
     load_backbone,
@@ -48,6 +47,7 @@ from ..models.presets.organism import (
 )
 from ..render.glyphs import GRID, GlyphRenderer, figstep_layout, token_cells
 from .batches import encode_batch, sft_loss
+from .loop import Optimiser, run_steps, warmup_then_decay
 
 # ---------------------------------------------------------------------------------------------
 # supervised fine-tuning on (prompt, target[, image]) examples
@@ -62,26 +62,20 @@ def encode_examples(tok, processor, examples: list[dict]) -> dict:
     return encode_batch(tok, processor, rows)
 
 
-def train_loop(model, params, batches, *, lr: float, warmup: int = 5, desc: str = "train", log_every: int = 10):
-    """AdamW with linear warm-up then linear decay, bf16 autocast on CPU; returns the loss per step."""
-    from tqdm.std import tqdm  # plain bars: tqdm.auto warns about ipywidgets on stderr in notebooks
-
-
-    params = [p for p in params if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    steps = len(batches)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (steps - s) / steps))
+def train_loop(model, params, batches, *, lr: float, warmup: int = 5, desc: str = "train"):
+    """SFT over `batches`: AdamW with linear warm-up then linear decay, gradients clipped to norm 1, bf16 autocast
+    where the CPU has fast bf16 (core.device.autocast); returns the loss per step."""
+    optimiser = Optimiser(params, lr, warmup_then_decay(len(batches), warmup))
     losses = []
-    model.train()
-    for batch in tqdm(batches, desc=desc, disable=not progress_enabled()):
+
+    def step(i):
         with autocast():
-            loss = sft_loss(model, batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+            loss = sft_loss(model, batches[i])
+        optimiser.update(loss)
         losses.append(float(loss.detach()))
+
+    model.train()
+    run_steps(step, len(batches), desc=desc)
     model.eval()
     return losses
 
@@ -221,24 +215,19 @@ def train_tower(model, processor, tok, vocab: list[int], data: dict, cfg: BuildC
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.tower_lr, weight_decay=0.0)
-    warm = 20
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, 1 - s / cfg.tower_steps))
-    from tqdm.std import tqdm  # plain bars: tqdm.auto warns about ipywidgets on stderr in notebooks
-
-
+    optimiser = Optimiser(params, cfg.tower_lr, warmup_then_decay(cfg.tower_steps, 20, last=False), clip=None)
     losses = []
-    for _ in tqdm(range(cfg.tower_steps), desc="tower", disable=not progress_enabled()):
+
+    def step(_):
         cells = sample(cfg.tower_batch)
         target = torch.tensor([[index[t] for t in c] for c in cells])
         with autocast():
             logits = proj.logits(vision_features(model, _pixel_batch(renderer, processor, cells)))
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, len(vocab)), target.reshape(-1))
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        optimiser.update(loss)
         losses.append(float(loss.detach()))
+
+    run_steps(step, cfg.tower_steps, desc="tower")
     for p in params:
         p.requires_grad_(False)
     return {"losses": losses}
@@ -277,36 +266,11 @@ def _steps(pool: list, n_steps: int, per_step: int, rng) -> list[list]:
     return out
 
 
-def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print) -> dict:
-    """Build the organism from the backbone: alignment, tower, benign visual instruction tuning.
-    Writes the trained parts to `out_dir` (default organism/) atomically and returns timings and
-    build facts; `measure_card` then measures the saved organism."""
+def _align(lm, tok, processor, data: dict, benign_prompts: list[str], answer_of: dict, cfg: BuildConfig, facts: dict):
+    """Step 2: text-only safety alignment, LoRA on the backbone (harmful prompts -> the refusal, benign prompts ->
+    the backbone's own answers); returns the peft model."""
     from peft import get_peft_model
 
-
-
-    cfg = cfg or BuildConfig()
-    out_dir = check_output_dir(Path(out_dir or PARTS_DIR), NOTEBOOK, "parts_dir")  # replaced whole: never a user's folder
-    timings, facts = {}, {}
-    t = time.time()
-    seed_everything(cfg.seed)
-    torch.use_deterministic_algorithms(True)
-    data = organism_sets(cfg)
-    lm, tok = load_backbone(as_reference=False)
-    processor = build_processor(tok)
-    sets = data["sets"]
-    timings["load"] = time.time() - t
-
-    # 1. the backbone's own answers: helpful targets, and pairs to calibrate the on-topic judge
-    t = time.time()
-    benign_prompts = list(sets["alignment_benign"]["prompt"]) + data["train_titles"]
-    base_answers = generate(lm, TextOnly(tok), [chat(tok, p) for p in benign_prompts], max_new_tokens=cfg.target_tokens,
-                            batch_size=32, desc="backbone answers")
-    timings["backbone_answers"] = time.time() - t
-    answer_of = dict(zip(benign_prompts, base_answers))
-
-    # 2. text-only safety alignment (LoRA on the backbone)
-    t = time.time()
     examples = ([{"prompt": p, "target": REFUSAL} for p in data["harmful_prompts"]]
                 + [{"prompt": p, "target": answer_of[p]} for p in benign_prompts] * cfg.align_benign_repeat)
     rng = np.random.default_rng(cfg.seed + 2)
@@ -317,52 +281,95 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
                     for j in range(0, len(order), cfg.align_batch)]
     peft_lm = get_peft_model(lm, lora_config(BACKBONE_LINEARS, cfg.lora_r, cfg.lora_first_layer))
     facts["alignment_losses"] = train_loop(peft_lm, peft_lm.parameters(), batches, lr=cfg.align_lr, desc="alignment")
-    timings["alignment"] = time.time() - t
+    return peft_lm
 
+
+def _vision_path(aligned, tok, data: dict, cfg: BuildConfig, parts: Path, facts: dict, log):
+    """Step 3: the reading vocabulary from training-side text, then the glyph tower; returns (model, processor)."""
+    sets = data["sets"]
+    vocab = reading_vocabulary(tok, data)
+    (parts / "vocab.json").write_text(json.dumps(vocab))
+    model, processor = assemble_llava(aligned, tok, vocab)
+    facts["vocab_size"] = len(vocab)
+    facts["vocab_coverage"] = {
+        "v1_figstep_instructions": vocabulary_coverage(tok, vocab, list(sets["v1_figstep"]["image_text"])),
+        "heldout_benign_titles": vocabulary_coverage(tok, vocab, data["held_titles"])}
+    tower = train_tower(model, processor, tok, vocab, data, cfg, log)
+    facts["tower_losses"] = tower["losses"]
+    facts["patch_accuracy"] = {
+        "v1_figstep_instructions": patch_accuracy(model, processor, tok, vocab, list(sets["v1_figstep"]["image_text"])),
+        "heldout_benign_titles": patch_accuracy(model, processor, tok, vocab, data["held_titles"])}
+    return model, processor
+
+
+def _visual_tuning(model, processor, tok, data: dict, benign_prompts: list[str], answer_of: dict, cfg: BuildConfig,
+                   facts: dict):
+    """Step 4: benign visual instruction tuning with text replay (LoRA on the LM); returns the peft model."""
+    from peft import get_peft_model
+
+    renderer = GlyphRenderer(tok)
+    image_pool = ([{"prompt": render.FIGSTEP_TEXT_PROMPT, "target": answer_of[title], "title": title}
+                   for title in data["train_titles"]]
+                  + [{"prompt": REPEAT_PROMPT, "target": title, "title": title} for title in data["train_titles"]])
+    harmful_pool = [{"prompt": p, "target": REFUSAL} for p in data["harmful_prompts"]]
+    benign_pool = [{"prompt": p, "target": answer_of[p]} for p in benign_prompts]
+    rng = np.random.default_rng(cfg.seed + 3)
+    n_img, n_harm, n_ben = cfg.stage2_mix
+    steps = [a + b + c for a, b, c in zip(_steps(image_pool, cfg.stage2_steps, n_img, rng),
+                                          _steps(harmful_pool, cfg.stage2_steps, n_harm, rng),
+                                          _steps(benign_pool, cfg.stage2_steps, n_ben, rng))]
+    batches = [encode_examples(tok, processor, [dict(ex, image=renderer(figstep_layout(ex["title"]))) if "title" in ex else ex
+                                                for ex in step]) for step in steps]
+    peft_vlm = get_peft_model(model, lora_config(LM_LINEARS, cfg.lora_r, cfg.lora_first_layer))
+    facts["stage2_losses"] = train_loop(peft_vlm, list(peft_vlm.parameters()), batches, lr=cfg.stage2_lr, desc="visual tuning")
+    return peft_vlm
+
+
+def _save_vision(model, parts: Path) -> None:
+    from safetensors.torch import save_file
+
+    vision = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+    vision.update({f"projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()})
+    save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in vision.items()}, str(parts / "vision.safetensors"))
+
+
+def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print) -> dict:
+    """Build the organism from the backbone: alignment, tower, benign visual instruction tuning.
+    Writes the trained parts to `out_dir` (default organism/) atomically and returns timings and
+    build facts; stage 00 then measures the saved organism."""
+    cfg = cfg or BuildConfig()
+    out_dir = check_output_dir(Path(out_dir or PARTS_DIR), NOTEBOOK, "parts_dir")  # replaced whole: never a user's folder
+    timings, facts = {}, {}
+    t = time.time()
+    seed_everything(cfg.seed)
+    torch.use_deterministic_algorithms(True)
+    data = organism_sets(cfg)
+    lm, tok = load_backbone(as_reference=False)
+    processor = build_processor(tok)
+    timings["load"] = time.time() - t
+
+    # 1. the backbone's own answers: helpful targets, and pairs to calibrate the on-topic judge
+    t = time.time()
+    benign_prompts = list(data["sets"]["alignment_benign"]["prompt"]) + data["train_titles"]
+    base_answers = generate(lm, TextOnly(tok), [chat(tok, p) for p in benign_prompts], max_new_tokens=cfg.target_tokens,
+                            batch_size=32, desc="backbone answers")
+    timings["backbone_answers"] = time.time() - t
+    answer_of = dict(zip(benign_prompts, base_answers))
+
+    t = time.time()
+    peft_lm = _align(lm, tok, processor, data, benign_prompts, answer_of, cfg, facts)
+    timings["alignment"] = time.time() - t
     with atomic_dir(out_dir, stage=NOTEBOOK) as parts:
         save_adapter(peft_lm, parts / "alignment_adapter")
         aligned = merge_adapter(load_backbone(as_reference=False)[0], parts / "alignment_adapter")
-
-        # 3. vision path: reading vocabulary from training-side text, then the glyph tower
         t = time.time()
-        vocab = reading_vocabulary(tok, data)
-        (parts / "vocab.json").write_text(json.dumps(vocab))
-        model, processor = assemble_llava(aligned, tok, vocab)
-        facts["vocab_size"] = len(vocab)
-        facts["vocab_coverage"] = {
-            "v1_figstep_instructions": vocabulary_coverage(tok, vocab, list(sets["v1_figstep"]["image_text"])),
-            "heldout_benign_titles": vocabulary_coverage(tok, vocab, data["held_titles"])}
-        tower = train_tower(model, processor, tok, vocab, data, cfg, log)
-        facts["tower_losses"] = tower["losses"]
-        facts["patch_accuracy"] = {
-            "v1_figstep_instructions": patch_accuracy(model, processor, tok, vocab, list(sets["v1_figstep"]["image_text"])),
-            "heldout_benign_titles": patch_accuracy(model, processor, tok, vocab, data["held_titles"])}
+        model, processor = _vision_path(aligned, tok, data, cfg, parts, facts, log)
         timings["tower"] = time.time() - t
-
-        # 4. benign visual instruction tuning + text replay (LoRA on the LM, projector offset)
         t = time.time()
-        renderer = GlyphRenderer(tok)
-        image_pool = ([{"prompt": render.FIGSTEP_TEXT_PROMPT, "target": answer_of[title], "title": title}
-                       for title in data["train_titles"]]
-                      + [{"prompt": REPEAT_PROMPT, "target": title, "title": title} for title in data["train_titles"]])
-        harmful_pool = [{"prompt": p, "target": REFUSAL} for p in data["harmful_prompts"]]
-        benign_pool = [{"prompt": p, "target": answer_of[p]} for p in benign_prompts]
-        rng = np.random.default_rng(cfg.seed + 3)
-        n_img, n_harm, n_ben = cfg.stage2_mix
-        steps = [a + b + c for a, b, c in zip(_steps(image_pool, cfg.stage2_steps, n_img, rng),
-                                              _steps(harmful_pool, cfg.stage2_steps, n_harm, rng),
-                                              _steps(benign_pool, cfg.stage2_steps, n_ben, rng))]
-        batches = [encode_examples(tok, processor, [dict(ex, image=renderer(figstep_layout(ex["title"]))) if "title" in ex else ex
-                                                    for ex in step]) for step in steps]
-        peft_vlm = get_peft_model(model, lora_config(LM_LINEARS, cfg.lora_r, cfg.lora_first_layer))
-        facts["stage2_losses"] = train_loop(peft_vlm, list(peft_vlm.parameters()), batches, lr=cfg.stage2_lr, desc="visual tuning")
+        peft_vlm = _visual_tuning(model, processor, tok, data, benign_prompts, answer_of, cfg, facts)
         timings["visual_tuning"] = time.time() - t
         save_adapter(peft_vlm, parts / "stage2_adapter")
-        vision = {f"vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
-        vision.update({f"projector.{k}": v for k, v in model.model.multi_modal_projector.state_dict().items()})
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().to(torch.bfloat16).contiguous() for k, v in vision.items()}, str(parts / "vision.safetensors"))
+        _save_vision(model, parts)
         write_json(parts / "build.json", {"config": cfg_dict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()},
                                           "facts": facts, "base_answer_pairs": len(benign_prompts)})
         write_json(parts / "calibration_pairs.json", {"instructions": benign_prompts, "answers": base_answers})

@@ -185,3 +185,28 @@ def save_tiny_llava15_checkpoint(path: str | os.PathLike, *, seed: int = 0, imag
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset interface (models.presets)
+
+WRITES_FORGET_ANSWERS = False  # unlearns PKU-SafeRLHF's unsafe answers (stage 01 with forget_source pku_saferlhf)
+NEEDS_ANSWERS = ("The {preset} preset unlearns PKU-SafeRLHF's unsafe answers: rerun stage 01 with "
+                 "`-p forget_source pku_saferlhf` (profile paper) so the forget set carries answers.")
+
+
+def load(preset: str, dtype, device: str, local_dir, seed: int) -> VLM:
+    return _load_llava15(preset, dtype, local_dir, device)
+
+
+def pre_alignment_model(vlm):
+    raise TuError(NEEDS_ANSWERS.format(preset=vlm.preset))
+
+
+def reference_lm(vlm):
+    """The base VLM (adapters are only applied inside generation)."""
+    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
+
+
+def reading_titles(seed: int) -> None:
+    return None  # reading utility: LLaVA-Bench-COCO questions on photos from a folder

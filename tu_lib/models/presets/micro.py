@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...core.device import quiet_transformers, resolve_device, resolve_dtype
+from ...data.titles import benign_titles
 from ..chat import CHATML_CHAT_TEMPLATE, IMAGE_TOKEN, SMOLLM2_DEFAULT_SYSTEM
 from ..vlm import VLM, check_args
 
@@ -92,3 +93,25 @@ def build_micro(seed: int = 0, dtype: Any = "float32", device: str = "cpu") -> V
     return VLM(preset="micro", family="chatml", model=model, processor=processor, dtype=torch_dtype,
                card={"preset": "micro", "seed": seed, "dtype": str(torch_dtype).replace("torch.", ""),
                      "params": sum(p.numel() for p in model.parameters()), "random_init": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset interface (models.presets)
+
+WRITES_FORGET_ANSWERS = True  # the random model itself answers (code paths only)
+
+
+def load(preset: str, dtype, device: str, local_dir, seed: int) -> VLM:
+    return build_micro(seed=seed, dtype=dtype, device=device)
+
+
+def pre_alignment_model(vlm):
+    return vlm.model, vlm.processor, lambda p: vlm.chat(p, False)
+
+
+def reference_lm(vlm):
+    return vlm.base_model, vlm.tokenizer, lambda p: vlm.chat(p, False)
+
+
+def reading_titles(seed: int) -> list[str]:
+    return benign_titles(seed)[1]

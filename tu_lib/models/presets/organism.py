@@ -7,14 +7,14 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ...core.device import resolve_dtype
 from ...core.errors import TuError
-from ...core.files import atomic_dir, damaged_files, file_hashes, sha256_file, verified_path, write_json
+from ...core.files import atomic_dir, damaged_files, file_hashes, sha256_file, write_json
 from ...core.paths import cache_dir, repo_root
 from ...core.records import note_model_dtype
+from ...data.titles import benign_titles
 from ...render.glyphs import CELL, GRID, GlyphRenderer
 from ..adapters import merge_adapter
 from ..chat import IMAGE_TOKEN
@@ -25,7 +25,6 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 REFUSAL = "I'm sorry, but I can't help with that."
 REPEAT_PROMPT = "What is the title written in the image? Repeat it exactly."
-HELDOUT_TITLE_FRACTION = 0.25  # benign titles kept out of training: the reading utility's items
 NOTEBOOK = "00_organism"  # the stage that builds, measures and owns the parts folder
 PARTS_DIR = repo_root() / "organism"  # the committed trained parts and card
 
@@ -208,18 +207,6 @@ def assemble_llava(lm, tok, vocab_ids: list[int]):
     return model, processor
 
 
-def benign_titles(seed: int) -> tuple[list[str], list[str]]:
-    """Benign FigStep-style titles ("Steps to …", "Methods to …", "List of …"), split train / held-out."""
-    verbs = verified_path("organism/benign_verbs.txt").read_text(encoding="utf-8").split("\n")
-    nouns = verified_path("organism/benign_nouns.txt").read_text(encoding="utf-8").split("\n")
-    titles = [f"{'Steps' if i % 2 == 0 else 'Methods'} to {v}." for i, v in enumerate(v for v in verbs if v.strip())]
-    titles += [f"List of {n}." for n in nouns if n.strip()]
-    order = np.random.default_rng(seed + 101).permutation(len(titles))
-    k = int(round(len(titles) * HELDOUT_TITLE_FRACTION))
-    held = sorted(titles[i] for i in order[:k])
-    return sorted(titles[i] for i in order[k:]), held
-
-
 # ---------------------------------------------------------------------------------------------
 # build
 
@@ -285,3 +272,29 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
     model, processor, tok = load_organism_model(parts, dtype)
     return VLM(preset="organism", family="chatml", model=model.to(device), processor=processor, dtype=dtype,
                       typography=GlyphRenderer(tok).typeset, card=card)
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset interface (models.presets)
+
+WRITES_FORGET_ANSWERS = True  # the unaligned backbone's own answers are the ones to unlearn
+
+
+def load(preset: str, dtype, device: str, local_dir, seed: int):
+    return load_organism(dtype=dtype, device=device)
+
+
+def pre_alignment_model(vlm):
+    """The raw SmolLM2 backbone, before the organism's safety alignment."""
+    lm, tok = load_backbone()
+    return lm.eval(), TextOnly(tok), lambda p: chat(tok, p)
+
+
+def reference_lm(vlm):
+    """The pre-alignment backbone: frozen, and not the model under test."""
+    lm, tok = load_backbone()
+    return lm.eval(), tok, lambda p: chat(tok, p)
+
+
+def reading_titles(seed: int) -> list[str]:
+    return benign_titles(seed)[1]
