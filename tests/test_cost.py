@@ -35,7 +35,9 @@ def _rows(vlm, images: bool, mismatch: bool) -> dict:
 @pytest.mark.parametrize("method", ["textual_ga", "multimodal_ga", "mm_sft"])
 def test_analytic_step_flops_match_torch_counter(organism, method):
     m = U.METHODS[method]
-    cfg = U.TrainConfig(method=method, steps=1, lr=1e-4, batch_size=4, lora_first_layer=15)
+    cfg = U.TrainConfig(method=method, steps=1, lr=1e-4, batch_size=4, lora_r=16, lora_alpha=32, lora_first_layer=15,
+                        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                        checkpoint_every=10)
     found = C.count_step(organism, cfg, _rows(organism, m.images, m.mismatch))
     assert abs(found["analytic_over_counted"] - 1) < 0.10, found
     assert found["backward"] > 0 and found["reference"] > 0

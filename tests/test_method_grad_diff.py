@@ -29,7 +29,8 @@ def micro_data(tmp_path_factory):
 
 
 def cfg(**kw):
-    base = dict(method="grad_diff", steps=8, lr=1e-2, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2)
+    base = dict(method="grad_diff", steps=8, lr=1e-2, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2,
+                lora_targets=("q_proj", "v_proj"), lora_first_layer=0)
     base.update(kw)
     return methods.TrainConfig(**base)
 

@@ -4,9 +4,10 @@ import yaml
 
 from tu_lib.core import ParameterError, params, paths
 from tu_lib.data import curation as curate
-from tu_lib.stages import organism
+from tu_lib.stages import assignment, cost, evaluate, organism, repgap, unlearn
 
-SPECS = [curate.SPEC, organism.SPEC]
+SPECS = [organism.SPEC, curate.SPEC, unlearn.SPEC, evaluate.SPEC, cost.SPEC, repgap.SPEC, assignment.SPEC]
+PROFILES = ["smoke", "default", "paper"]
 
 
 def base(**over):
@@ -55,7 +56,7 @@ def test_notebook_machinery_is_not_mistaken_for_parameters():
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.notebook)
-@pytest.mark.parametrize("profile", ["smoke", "default", "paper"])
+@pytest.mark.parametrize("profile", PROFILES)
 def test_every_profile_file_resolves(spec, profile):
     # the check is that this does not raise: resolve stops on an unknown, mistyped, bad or missing profile value
     P = params.resolve(spec, {"profile": profile})
@@ -85,3 +86,38 @@ def test_local_folders_are_taken_from_the_repository_root(monkeypatch, tmp_path)
     P = params.resolve(curate.SPEC, base(pku_local_dir="data"))
     assert P["pku_local_dir"] == str(paths.repo_root() / "data")
     assert params.resolve(curate.SPEC, base())["pku_local_dir"] == ""  # unset stays unset
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.notebook)
+def test_profiles_set_only_the_values_the_spec_leaves_to_them(spec):
+    """One source per value: a parameter with a default in the Spec (and the parameters cell) is not set again by a
+    profile, and a profiled parameter (None: "the profile's value") gets a value from every profile that has a file."""
+    profiled = {p.name for p in spec.params if p.profiled}
+    for profile in PROFILES:
+        path = params.configs_dir() / profile / f"{spec.notebook}.yaml"
+        if not path.is_file():
+            continue
+        values = yaml.safe_load(path.read_text()) or {}
+        assert values.get("profile", profile) == profile, f"{path}: names another profile"
+        second = sorted(set(values) - profiled - {"profile"})
+        assert not second, f"{path} sets {second}, whose default the Spec (and the parameters cell) already gives"
+        missing = sorted(profiled - set(values))
+        assert not missing, f"{path} leaves the profiled {missing} unset"
+
+
+def test_run_settings_defaults_are_the_notebook_defaults():
+    """TrainConfig (stage 02's run settings, also built by stage 04 and tests) takes its defaults from the same
+    place as stage 02's Spec: every field that is a parameter with a default has that default, and every field of a
+    profiled parameter has the default profile's value."""
+    import dataclasses
+
+    from tu_lib.methods.config import TrainConfig
+
+    default_profile = params.profile_values("default", unlearn.SPEC.notebook)
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in unlearn.SPEC.names() or f.default is dataclasses.MISSING:
+            continue  # not a notebook parameter, or required (method, steps, lr, batch_size)
+        p = unlearn.SPEC.get(f.name)
+        expected = default_profile[f.name] if p.profiled else p.default
+        value = list(f.default) if isinstance(f.default, tuple) else f.default
+        assert value == expected, f"TrainConfig.{f.name} = {value!r}, notebook 02 gives {expected!r}"

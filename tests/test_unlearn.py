@@ -44,8 +44,13 @@ def micro_data(stage01, tmp_path_factory):
     return vlm, unlearn.prepare_data(vlm, params(stage01, tmp_path_factory.mktemp("answers")))
 
 
+# LoRA on every decoder linear of every layer (micro has 2 layers); the shape a profile would choose
+LORA_EVERYWHERE = dict(lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                       lora_first_layer=0)
+
+
 def cfg(method="textual_ga", **kw):
-    base = dict(method=method, steps=6, lr=5e-3, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2)
+    base = dict(method=method, steps=6, lr=5e-3, batch_size=2, lora_r=4, lora_alpha=8, checkpoint_every=2, **LORA_EVERYWHERE)
     base.update(kw)
     return methods.TrainConfig(**base)
 
@@ -296,14 +301,14 @@ def test_adapter_applied_needs_the_bare_model(tmp_path):
 def test_run_identity_includes_the_model():
     data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
                          mismatch_answers=["b"])
-    cfg = methods.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=1)
-    assert cfg.key(data, "llava-1.5-7b") != cfg.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
-    assert cfg.key(data, "organism") == cfg.key(methods.UnlearnData(**vars(data)), "organism")  # equal inputs, one key
+    run = cfg(steps=2, lr=1e-3, batch_size=1)
+    assert run.key(data, "llava-1.5-7b") != run.key(data, "llava-1.5-13b")  # same folder, other model: no reuse
+    assert run.key(data, "organism") == run.key(methods.UnlearnData(**vars(data)), "organism")  # equal inputs, one key
     other_data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "c"}], normal=data.normal, mismatch_answers=["b"])
-    assert cfg.key(other_data, "organism") != cfg.key(data, "organism")
-    assert methods.TrainConfig(method="textual_ga", steps=2, lr=2e-3, batch_size=1).key(data, "organism") != cfg.key(data, "organism")
+    assert run.key(other_data, "organism") != run.key(data, "organism")
+    assert cfg(steps=2, lr=2e-3, batch_size=1).key(data, "organism") != run.key(data, "organism")
     other_pool = methods.UnlearnData(forget=data.forget, normal=data.normal, mismatch_answers=["b", "d"])
-    assert cfg.key(other_pool, "organism") != cfg.key(data, "organism")
+    assert run.key(other_pool, "organism") != run.key(data, "organism")
 
 
 def test_more_processes_than_rows_per_step_is_refused_before_training(monkeypatch, tmp_path):
@@ -318,7 +323,6 @@ def test_more_processes_than_rows_per_step_is_refused_before_training(monkeypatc
     monkeypatch.setattr(accelerate, "Accelerator", ThreeProcesses)
     data = methods.UnlearnData(forget=[{"prompt": "p", "answer": "a"}], normal=[{"prompt": "q", "answer": "b"}],
                                mismatch_answers=["b"])
-    cfg = methods.TrainConfig(method="textual_ga", steps=2, lr=1e-3, batch_size=2)
     with pytest.raises(ParameterError, match="num_processes <= 2"):
-        methods.train(None, data, cfg, tmp_path)  # no model is touched: the check comes first
+        methods.train(None, data, cfg(steps=2, lr=1e-3, batch_size=2), tmp_path)  # no model is touched: the check comes first
     assert not any(tmp_path.iterdir())

@@ -7,8 +7,11 @@ from dataclasses import asdict, dataclass
 
 from .data import UnlearnData
 
-# ---------------------------------------------------------------------------------------------
-# one step's batch
+# The defaults of stage 02's non-profiled parameters, written once: its Spec (methods.params) and TrainConfig take
+# them from here (the notebook's parameters cell repeats them for papermill; tests/test_params.py checks it agrees).
+# Settings a profile chooses (steps, lr, batch, LoRA shape, checkpoints) have no default here: they are required.
+RUN_DEFAULTS = {"lora": True, "ga_weight": 0.5, "mismatch_weight": 1.0, "kl_weight": 1.0, "npo_beta": 0.1,
+                "max_forget_nll": 100.0, "seed": 0}
 
 
 @dataclass
@@ -17,24 +20,24 @@ class TrainConfig:
     steps: int
     lr: float
     batch_size: int
-    lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-    lora_first_layer: int = 0
-    ga_weight: float = 0.5
-    mismatch_weight: float = 1.0
-    kl_weight: float = 1.0
-    npo_beta: float = 0.1
-    max_forget_nll: float = 100.0
-    checkpoint_every: int = 10
-    seed: int = 0
+    lora_r: int
+    lora_alpha: int
+    lora_targets: tuple
+    lora_first_layer: int
+    checkpoint_every: int
+    lora: bool = RUN_DEFAULTS["lora"]
+    ga_weight: float = RUN_DEFAULTS["ga_weight"]
+    mismatch_weight: float = RUN_DEFAULTS["mismatch_weight"]
+    kl_weight: float = RUN_DEFAULTS["kl_weight"]
+    npo_beta: float = RUN_DEFAULTS["npo_beta"]
+    max_forget_nll: float = RUN_DEFAULTS["max_forget_nll"]
+    seed: int = RUN_DEFAULTS["seed"]
 
     @classmethod
     def from_params(cls, P: dict, method: str) -> "TrainConfig":
         keys = {k for k in cls.__dataclass_fields__} - {"method"}
         values = {k: P[k] for k in keys if k in P}
-        values["lora_targets"] = tuple(values.get("lora_targets", cls.lora_targets))
+        values["lora_targets"] = tuple(values["lora_targets"])
         return cls(method=method, **values)
 
     def key(self, data: UnlearnData, model: str) -> str:

@@ -7,6 +7,7 @@ from ..core.errors import ParameterError
 from ..core.params import Param, Spec, dtype_value, non_negative, positive, positive_size, seed_value
 from ..core.text import as_list
 from ..models.vlm import LM_LINEARS
+from .config import RUN_DEFAULTS
 from .registry import METHODS
 
 NOTEBOOK = "02_unlearn"
@@ -40,23 +41,23 @@ SPEC = Spec(NOTEBOOK, [
     Param("steps", (int,), None, "maximum optimizer steps per method", positive, profiled=True),
     Param("lr", (float,), None, "AdamW learning rate (linear decay, no warm-up, as Yao et al.)", positive, profiled=True),
     Param("batch_size", (int,), None, "forget prompts per step (as many mismatch and normal rows)", positive, profiled=True),
-    Param("lora", (bool,), True, "LoRA on the LLM (True) or full fine-tuning of the LLM (False)"),
+    Param("lora", (bool,), RUN_DEFAULTS["lora"], "LoRA on the LLM (True) or full fine-tuning of the LLM (False)"),
     Param("lora_r", (int,), None, "LoRA rank", positive, profiled=True),
     Param("lora_alpha", (int,), None, "LoRA alpha", positive, profiled=True),
     Param("lora_targets", (list, str), None, "LLM linears that get adapters (list or comma-separated)", profiled=True),
     Param("lora_first_layer", (int,), None, "first decoder layer with adapters (later layers too); 0: all", non_negative,
           profiled=True),
-    Param("ga_weight", (float,), 0.5, "weight of the gradient-ascent term (Yao et al.: 0.5)", non_negative),
-    Param("mismatch_weight", (float,), 1.0, "weight of the random-mismatch NLL term (Yao et al.: 1)", non_negative),
-    Param("kl_weight", (float,), 1.0, "weight of the KL-to-frozen term on normal data (Yao et al.: 1)", non_negative),
-    Param("npo_beta", (float,), 0.1, "β of NPO", positive),
-    Param("max_forget_nll", (float,), 100.0, "stop rule: ascent methods stop once the forget NLL exceeds this (Yao et al.: 100)",
+    Param("ga_weight", (float,), RUN_DEFAULTS["ga_weight"], "weight of the gradient-ascent term (Yao et al.: 0.5)", non_negative),
+    Param("mismatch_weight", (float,), RUN_DEFAULTS["mismatch_weight"], "weight of the random-mismatch NLL term (Yao et al.: 1)", non_negative),
+    Param("kl_weight", (float,), RUN_DEFAULTS["kl_weight"], "weight of the KL-to-frozen term on normal data (Yao et al.: 1)", non_negative),
+    Param("npo_beta", (float,), RUN_DEFAULTS["npo_beta"], "β of NPO", positive),
+    Param("max_forget_nll", (float,), RUN_DEFAULTS["max_forget_nll"], "stop rule: ascent methods stop once the forget NLL exceeds this (Yao et al.: 100)",
           positive),
     Param("n_forget", (int, str), None, "forget prompts used (int or 'all')", positive_size, profiled=True),
     Param("answer_tokens", (int,), 32, "length of the generated forget answers (organism, micro)", positive),
     Param("checkpoint_every", (int,), None, "steps between resumable checkpoints", positive, profiled=True),
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
-    Param("seed", (int,), 0, "seed of the batch schedule and initialisation", seed_value),
+    Param("seed", (int,), RUN_DEFAULTS["seed"], "seed of the batch schedule and initialisation", seed_value),
     Param("dtype", (str,), "auto", "model dtype: auto (float32 on a CPU, bf16 on a GPU), float32 or bfloat16",
           dtype_value),
     Param("model_dir", (str,), "", "local folder of a llava-hf checkpoint (paper presets without the hub)", folder=True),
