@@ -9,8 +9,8 @@ import torch
 from notebook_helpers import stops_early
 
 from tu_lib import methods, models, training
-from tu_lib.models import presets
 from tu_lib.core import ParameterError, TuError, read_jsonl, repo_root, write_jsonl
+from tu_lib.models import presets
 from tu_lib.stages import unlearn
 
 NB = repo_root() / "notebooks" / "02_unlearn.ipynb"

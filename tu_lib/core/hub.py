@@ -37,3 +37,20 @@ def hub_snapshot(hub_id: str, how_to_provide: str) -> Path:
         why = ("HF_HUB_OFFLINE is set and the model is not in the local HF cache" if is_offline
                else f"the hub could not be reached or refused the download ({type(exc).__name__}: {exc})")
         raise HubModelUnavailable(f"Model {hub_id} is not available: {why}. " + how_to_provide) from exc
+
+
+def local_copy(model_id: str, local_dir, how_to_provide: str) -> Path | None:
+    """A local copy of hub model `model_id`: the explicit `local_dir` (which must hold a config.json), else
+    $TU_MODEL_DIR/<id> or $TU_MODEL_DIR/<name> if one holds a config.json, else None (use the hub)."""
+    if local_dir is not None:
+        path = Path(local_dir).expanduser()
+        if not (path / "config.json").is_file():
+            raise HubModelUnavailable(f"local_dir {path} has no config.json, so it is not a copy of {model_id}. "
+                                      + how_to_provide)
+        return path
+    root = os.environ.get("TU_MODEL_DIR")
+    if root:
+        for cand in (Path(root).expanduser() / model_id, Path(root).expanduser() / model_id.split("/")[-1]):
+            if (cand / "config.json").is_file():
+                return cand
+    return None

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..core.device import quiet_transformers, resolve_device, resolve_dtype
 from ..core.errors import HubModelUnavailable, TuError
-from ..core.hub import hub_snapshot, offline
+from ..core.hub import hub_snapshot, local_copy, offline
 from ..models.generate import generate
 from .base import JudgeEntry, attack_rate, column
 from .common import paired
@@ -51,16 +51,9 @@ def _llama_guard_how_to(model_id: str) -> str:
 def _llama_guard_source(model_id: str, local_dir) -> Path:
     """The folder to load from: local_dir, else $TU_MODEL_DIR/<id or name>, else the hub snapshot
     (only the HF cache when offline). Nothing heavy happens before this succeeds."""
-    if local_dir is not None:
-        path = Path(local_dir).expanduser()
-        if not (path / "config.json").is_file():
-            raise HubModelUnavailable(f"local_dir {path} has no config.json. " + _llama_guard_how_to(model_id))
-        return path
-    root = os.environ.get("TU_MODEL_DIR")
-    if root:
-        for cand in (Path(root).expanduser() / model_id, Path(root).expanduser() / model_id.split("/")[-1]):
-            if (cand / "config.json").is_file():
-                return cand
+    found = local_copy(model_id, local_dir, _llama_guard_how_to(model_id))
+    if found is not None:
+        return found
     try:
         return hub_snapshot(model_id, _llama_guard_how_to(model_id))
     except HubModelUnavailable as exc:

@@ -1,15 +1,6 @@
 """Stage 04: the compute cost of textual vs multimodal unlearning, measured here and counted analytically.
 
-Why analytic: paper A says multimodal unlearning costs "up to 6x" textual unlearning on LLaVA-1.5, which
-nobody here can time. Matrix-multiply FLOPs follow from the config and the batch's shape, so the same
-formulas give the organism's cost (checked against torch's FLOP counter on a real step, tests/test_cost.py)
-and LLaVA-1.5-7B/13B's (576 image tokens per image). Only matrix multiplies are counted (linear layers,
-attention, convolutions), exactly what `torch.utils.flop_counter.FlopCounterMode` counts.
-
-A training step of stage 02 is: one forward of the current model over all rows of the step (forget,
-mismatch, normal), padded to one width; the LM head on the answer positions only; a backward through the
-decoder layers that carry LoRA (none below the first, where nothing needs a gradient); and a forward of the
-frozen reference (adapter disabled) on the normal rows for the KL term.
+The analytic count and what a step of stage 02 is: tu_lib.analysis.flops.
 
 The notebook measures stage 02's own settings (its profile's config): wall time per step (repeats, medians
 with min-max), tokens, peak memory; then extrapolates the same formulas to the paper profile on LLaVA-1.5.

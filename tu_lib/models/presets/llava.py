@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from ...core.device import quiet_transformers
-from ...core.errors import HubModelUnavailable, TuError
-from ...core.hub import hub_snapshot
+from ...core.errors import TuError
+from ...core.hub import hub_snapshot, local_copy
 from ..chat import IMAGE_TOKEN, LLAVA15_HF_CHAT_TEMPLATE
 from ..vlm import HUB_IDS, VLM
 from .micro import neutral_corpus
@@ -27,29 +27,12 @@ def _how_to_provide(hub_id: str) -> str:
     )
 
 
-def _local_copy(preset: str, local_dir: str | os.PathLike | None) -> Path | None:
-    """The explicit local_dir, else a copy under $TU_MODEL_DIR, else None (use the hub)."""
-    hub_id = HUB_IDS[preset]
-    if local_dir is not None:
-        path = Path(local_dir).expanduser()
-        if not (path / "config.json").is_file():
-            raise HubModelUnavailable(f"local_dir {path} has no config.json, so it is not a copy of {hub_id}. "
-                                      + _how_to_provide(hub_id))
-        return path
-    root = os.environ.get("TU_MODEL_DIR")
-    if root:
-        for cand in (Path(root).expanduser() / hub_id, Path(root).expanduser() / hub_id.split("/")[-1]):
-            if (cand / "config.json").is_file():
-                return cand
-    return None
-
-
 def _load_llava15(preset: str, torch_dtype, local_dir, device: str) -> VLM:
     """The paper presets: the llava-hf layout, read through the same classes the hub model card uses."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     hub_id = HUB_IDS[preset]
-    src = _local_copy(preset, local_dir)
+    src = local_copy(hub_id, local_dir, _how_to_provide(hub_id))
     from_hub = src is None
     if from_hub:
         src = hub_snapshot(hub_id, _how_to_provide(hub_id))
