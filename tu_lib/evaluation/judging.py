@@ -86,6 +86,8 @@ class Judges:
         for m in names:
             df = pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
                                "refused": self.refusal.judge(answers[m])})
+            if any(it.get("category") for it in items):  # a user set's own labels, kept with each judgement
+                df.insert(2, "category", [it.get("category") for it in items])
             if self.harmfulness is not None:
                 df["harmful"] = self.harmfulness.judge(instr, answers[m])
             if self.on_topic is not None:
