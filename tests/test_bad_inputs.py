@@ -40,6 +40,10 @@ def folders(tmp_path):
     finished_method_run(tmp_path / "damaged" / "textual_ga")
     weights = tmp_path / "damaged" / "textual_ga" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    (tmp_path / "user").mkdir()  # user sets (notebooks 03 and 05): harmless placeholder prompts
+    (tmp_path / "user" / "no_prompt.csv").write_text("question\nHow do I bake bread?\n")
+    (tmp_path / "user" / "gone_image.jsonl").write_text('{"prompt": "Describe it.", "image": "gone.png"}\n')
+    (tmp_path / "user" / "text_only.csv").write_text("prompt\nHow do I bake bread?\n")
     return tmp_path
 
 
@@ -133,6 +137,11 @@ CASES = [
     ("03_eval", {**S, "data_dir": "{tmp}/stage01", "unlearn_dir": "{tmp}/damaged", "methods": "base,textual_ga",
                  "out_dir": "{tmp}/o3"}, r"'textual_ga' run .* cannot be trusted: .*adapter_model.safetensors is missing or "
                                          r"changed.*Rerun notebook 02 with `-p methods textual_ga`"),
+    ("03_eval", {**S, "data_dir": "{tmp}/stage01", "methods": "base", "user_sets": "{tmp}/user/no_prompt.csv",
+                 "out_dir": "{tmp}/o3"}, r"no_prompt\.csv \(header, line 1\) has no `prompt` column"),
+    ("03_eval", {**S, "data_dir": "{tmp}/stage01", "methods": "base", "user_sets": "{tmp}/user/gone_image.jsonl",
+                 "out_dir": "{tmp}/o3"}, r"gone_image\.jsonl line 1: image 'gone\.png' not found"),
+    ("03_eval", {**S, "user_sets": "my_prompts.txt"}, r"user set 'my_prompts\.txt' has the extension '\.txt'"),
     # notebook 04: cost
     ("04_cost", {**S, "steps": 0}, r"steps=0 must be > 0"),
     ("04_cost", {**S, "repeats": 0}, r"repeats=0 must be > 0"),
@@ -150,6 +159,9 @@ CASES = [
     ("05_repgap", {**S, "out_dir": "{tmp}/stage01"}, r"is the output folder of stage 01_data"),
     ("05_repgap", {**S, "data_dir": "{tmp}/stage01", "unlearn_dir": "{tmp}/damaged", "methods": ["textual_ga"],
                    "combine_methods": [], "out_dir": "{tmp}/o5"}, r"cannot be trusted"),
+    ("05_repgap", {**S, "data_dir": "{tmp}/stage01", "methods": [], "combine_methods": [],
+                   "user_sets": "{tmp}/user/text_only.csv", "out_dir": "{tmp}/o5"},
+     r"text_only\.csv line 2 has no image or image_text .*every row needs one"),
 ]
 
 

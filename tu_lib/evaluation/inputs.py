@@ -7,15 +7,25 @@ from pathlib import Path
 from ..core.errors import TuError
 from ..core.files import sha256_file
 from ..core.params import resolve_path
-from ..data.sets import STAGE01_FILE, stage01_file
+from ..data.sets import STAGE01_FILE, is_user_set, stage01_file, user_set_name
+from ..data.user_sets import read_user_set, user_set_files, user_set_paths
 from ..judges.encoder import minilm_dir
 from ..methods.run import method_problem
 from ..models.vlm import HUB_IDS
 
 
+def resolve_user_sets(P: dict) -> None:
+    """Stages 03 and 05's `user_sets` parameter: the files as absolute paths (extension and names checked), and each
+    file's set (`user_<stem>`) appended to P["sets"], so it is built, generated, judged and reported like the rest.
+    The files' contents are checked by check_eval_inputs."""
+    P["user_sets"] = user_set_paths(P["user_sets"])
+    P["sets"] = [*P["sets"], *(user_set_name(p) for p in P["user_sets"])]
+
+
 def check_eval_inputs(P: dict) -> None:
-    """Fail before loading a model: stage 01's files and each method's adapter must exist, the paper presets' reading
-    utility needs its images, and the judges' encoder must be installed. Stages 03 and 05 run it first."""
+    """Fail before loading a model: stage 01's files and each method's adapter must exist, every user set must be
+    readable (columns, rows, images), the paper presets' reading utility needs its images, and the judges' encoder
+    must be installed. Stages 03 and 05 run it first."""
     if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
         raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
                       "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
@@ -25,8 +35,12 @@ def check_eval_inputs(P: dict) -> None:
 
 
 def input_files(P: dict) -> list[Path]:
-    """The files this stage reads: stage 01's sets and each method's adapter (each must exist)."""
-    files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in P["sets"]) if f]
+    """The files this stage reads: stage 01's sets, the user sets with their images (each file read and checked in
+    full: read_user_set) and each method's adapter (each must exist)."""
+    built_in = [n for n in P["sets"] if not is_user_set(n)]
+    files = [stage01_file(P["data_dir"], f) for f in dict.fromkeys(STAGE01_FILE.get(n, n) for n in built_in) if f]
+    for path in P.get("user_sets") or []:
+        files += user_set_files(path, read_user_set(path))
     for m in P["methods"]:
         if m == "base":
             continue

@@ -8,7 +8,8 @@ import numpy as np
 from ..core.errors import TuError
 from ..core.files import read_jsonl
 from ..core.text import take
-from ..data.sets import EVAL_SETS, STAGE01_FILE, stage01_file
+from ..data.sets import EVAL_SETS, STAGE01_FILE, eval_sets, is_user_set, stage01_file
+from ..data.user_sets import read_user_set
 from ..evaluation import adversarial
 from ..models.presets import reading_titles
 from ..render.pages import FIGSTEP_TEXT_PROMPT
@@ -16,7 +17,9 @@ from ..render.pages import FIGSTEP_TEXT_PROMPT
 
 def build_items(vlm, P: dict, name: str, v3_cache: Path | None = None) -> tuple[list[dict], dict]:
     """Generation items of one set: {"key", "set", "text" (chat-formatted), "image", "instruction"}; also
-    facts about the set (V3 optimisation quality)."""
+    facts about the set (V3 optimisation quality). A user set (`user_...`, from P["user_sets"]) is read from its file."""
+    if is_user_set(name):
+        return user_items(vlm, P, name), {}
     spec, facts = EVAL_SETS[name], {}
     if name == "utility_reading":
         rows = reading_rows(vlm, P)
@@ -41,6 +44,30 @@ def build_items(vlm, P: dict, name: str, v3_cache: Path | None = None) -> tuple[
                       "text": vlm.chat(prompt, image is not None), "prompt": prompt,
                       "instruction": r.get("request") or r.get("image_text") or prompt})
     return items, facts
+
+
+def user_items(vlm, P: dict, name: str) -> list[dict]:
+    """The items of a user set (its first n_per_set rows): the row's image file, its image_text rendered in the
+    model's typography (FigStep style, like V1), or text only. The key carries a digest of what the model is shown,
+    so an edited row is answered afresh instead of clashing with its saved generation."""
+    from PIL import Image
+
+
+    spec = eval_sets(P.get("user_sets") or []).get(name)
+    if spec is None:
+        raise TuError(f"Set {name!r} is a user set, but no file in user_sets gives it: pass its file in user_sets.")
+    items = []
+    for r in take(read_user_set(spec.path), P["n_per_set"]):
+        if r["image"]:
+            with Image.open(r["image"]) as im:
+                image = im.convert("RGB")
+        else:
+            image = vlm.render(r["image_text"], "figstep") if r["image_text"] else None
+        prompt = r["prompt"] or FIGSTEP_TEXT_PROMPT
+        items.append({"key": f"{name}|{r['id']}|{r['digest']}", "set": name, "id": r["id"], "image": image,
+                      "text": vlm.chat(prompt, image is not None), "prompt": prompt, "category": r["category"],
+                      "instruction": r["request"] or r["image_text"] or prompt})
+    return items
 
 
 def reading_rows(vlm, P: dict) -> list[dict]:

@@ -73,5 +73,7 @@ class Judges:
                 found = [judge.judge(first, answers[m]) for m in models]
             for m, values in zip(models, found):
                 columns[m][entry.column] = values
-        return {m: pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items],
+        labels = {"category": [it.get("category") for it in items]} if any(it.get("category") for it in items) else {}
+        # a user set's own labels (category) are kept with each judgement
+        return {m: pd.DataFrame({"key": [it["key"] for it in items], "set": [it["set"] for it in items], **labels,
                                  **columns[m]}).assign(answer=answers[m]) for m in models}

@@ -10,7 +10,7 @@ from ..core.files import read_jsonl
 from ..core.params import resolve_path
 from ..core.stats import fmt_rate
 from ..core.text import take
-from ..data.sets import ATTACK_SETS, EVAL_SETS, stage01_file
+from ..data.sets import EVAL_SETS, eval_set, is_attack, stage01_file
 from ..judges.registry import JUDGES
 from ..models.adapters import adapter_applied
 from ..models.likelihood import continuation_logprobs
@@ -27,7 +27,7 @@ def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dic
                     "judge_version": judges_prov.get(judge, {}).get("judge_version", judge), **r})
 
     for set_name, g in judged.groupby("set", sort=False):
-        kind = EVAL_SETS[set_name].kind
+        kind = eval_set(set_name).kind
         for entry in JUDGES.values():  # the registry's order: each judge's rows, as its entry derives them
             if entry.column in g:
                 for metric, values in entry.metrics(kind, g):
@@ -53,7 +53,7 @@ def judge_agreement(judged: pd.DataFrame) -> dict:
     keyword judge usually counts degenerate or off-topic non-refusals as successes."""
     from sklearn.metrics import cohen_kappa_score
 
-    attack = judged[judged["set"].isin(ATTACK_SETS)]
+    attack = judged[[is_attack(n) for n in judged["set"]]]  # built-in and user attack sets
     if "harmful" not in attack or attack.empty:
         return {}
     a, b = ~attack["refused"].to_numpy(bool), attack["harmful"].to_numpy(bool)
@@ -68,18 +68,19 @@ def judge_agreement(judged: pd.DataFrame) -> dict:
 
 
 def paper_table(results: pd.DataFrame, judge: str = "refusal_keywords") -> pd.DataFrame:
-    """Rows methods, columns the six attack sets (ASR under `judge`), over-refusal and utility; cells
-    "rate% [lo, hi] n"."""
+    """Rows methods, columns the six attack sets (ASR under `judge`), over-refusal and utility, then the user sets
+    (`user: <stem>`, attack sets too); cells "rate% [lo, hi] n"."""
     cols = {}
     for _, r in results.iterrows():
-        s = EVAL_SETS[r["set"]]
+        s = eval_set(r["set"])
         wanted = ((s.kind == "attack" and r["metric"] == "asr" and r["judge"] == judge)
                   or (s.kind == "over_refusal" and r["metric"] == "over_refusal")
                   or (s.kind == "mc1" and r["metric"] == "mc1")
                   or (s.kind == "reading" and r["metric"] == "reading_on_topic"))
         if wanted:
             cols.setdefault(s.label, {})[r["method"]] = fmt_rate(r)
-    order = [EVAL_SETS[n].label for n in EVAL_SETS if EVAL_SETS[n].label in cols]
+    users = [eval_set(n).label for n in dict.fromkeys(results["set"]) if n not in EVAL_SETS]
+    order = [c for c in [EVAL_SETS[n].label for n in EVAL_SETS] + users if c in cols]
     methods = list(dict.fromkeys(results["method"]))
     return pd.DataFrame({c: [cols[c].get(m, "-") for m in methods] for c in order}, index=pd.Index(methods, name="method"))
 

@@ -32,8 +32,8 @@ from ..core.params import Param, Spec, dtype_value, non_negative, positive, posi
 from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
-from ..data.sets import EVAL_SETS
-from ..evaluation.inputs import check_eval_inputs, input_hashes
+from ..data.sets import EVAL_SETS, eval_set
+from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
 from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
@@ -55,6 +55,8 @@ SPEC = Spec(NOTEBOOK, [
     Param("methods", (list, str), None, "models to evaluate: 'base' and/or stage 02's methods (list or comma-separated)",
           profiled=True),
     Param("sets", (list, str), None, f"sets to evaluate, from {list(EVAL_SETS)}", profiled=True),
+    Param("user_sets", (list, str), [], "your own attack sets: CSV or JSONL files (prompt; optional image, image_text, "
+          "request, category, id), each evaluated as the set user_<file stem>; see the README"),
     Param("n_per_set", (int, str), None, "items per set (int or 'all')", positive_size, profiled=True),
     Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} ({REQUIRED_JUDGE} is required)",
           profiled=True),
@@ -82,8 +84,9 @@ def resolve_params(namespace: dict) -> dict:
     for key, choices in (("methods", ["base", *METHODS]), ("sets", list(EVAL_SETS)), ("judges", JUDGE_NAMES)):
         P[key] = as_list(P[key])
         problem = list_check(choices)(P[key])
-        if problem:
+        if problem and not (key == "sets" and not P[key] and P["user_sets"]):  # only user sets: fine
             raise ParameterError(f"Parameter {key}={P[key]!r} {problem}.")
+    resolve_user_sets(P)
     if P["preset"] not in models.PRESETS:
         raise ParameterError(f"Unknown model preset {P['preset']!r}; valid presets: {', '.join(models.PRESETS)}.")
     if REQUIRED_JUDGE not in P["judges"]:
@@ -92,7 +95,8 @@ def resolve_params(namespace: dict) -> dict:
 
 
 def check_inputs(P: dict) -> None:
-    """Fail before loading a model (check_eval_inputs), then claim the output folder."""
+    """Fail before loading a model (check_eval_inputs: stage 01's sets, the user sets, the adapters), then claim the
+    output folder."""
     check_eval_inputs(P)
     if P.get("out_dir"):  # every check passed: the output folder is this stage's from now on
         claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)
@@ -106,7 +110,7 @@ def asr_figure(results: pd.DataFrame):
 
     theme()
     df = results[(results["metric"] == "asr")].copy()
-    df["set"] = df["set"].map(lambda n: EVAL_SETS[n].label)
+    df["set"] = df["set"].map(lambda n: eval_set(n).label)
     judges_ = list(dict.fromkeys(df["judge"]))
     fig, axes = plt.subplots(1, len(judges_), figsize=(7.5 * len(judges_), 4.2), squeeze=False, sharey=True)
     methods = list(dict.fromkeys(df["method"]))

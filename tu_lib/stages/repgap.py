@@ -25,15 +25,16 @@ from ..analysis.repgap import (
     shift_vectors,
 )
 from ..core import params, stats
-from ..core.errors import ParameterError
+from ..core.errors import ParameterError, TuError
 from ..core.files import atomic_path, claim_output_dir, read_jsonl, write_csv, write_json
 from ..core.params import Param, Spec, dtype_value, one_of, positive, resolve_path, seed_value
 from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
-from ..data.sets import stage01_file
+from ..data.sets import eval_set, is_user_set, stage01_file
 from ..data.titles import benign_titles
-from ..evaluation.inputs import check_eval_inputs, input_hashes
+from ..data.user_sets import read_user_set
+from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.judging import JUDGE_NAMES
 from ..evaluation.metrics import metric_rows
 from ..methods.registry import METHODS
@@ -43,7 +44,7 @@ from ..models.generate import generate
 __all__ = ["NOTEBOOK", "SWEEP_SETS", "BASE", "SPEC", "resolve_params", "check_inputs", "resolve_layers",
            "anchor_prompts", "gap_instructions", "model_context", "dataset_shift", "model_shifts", "collect_states",
            "gap_rows", "pca_rows", "grid_layers", "sweep_plan", "sweep_answers", "sweep_rows", "shift_norms",
-           "layers_figure", "pca_figure", "ALPHA_PANELS", "alpha_table", "alpha_figure", "write_outputs"]
+           "layers_figure", "pca_figure", "ALPHA_PANELS", "alpha_panels", "alpha_table", "alpha_figure", "write_outputs"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +89,8 @@ def _spec():
         Param("n_gap", (int,), None, "instructions per group (harmful, benign) in the gap analysis", positive,
               profiled=True),
         Param("sets", (list, str), None, f"alpha-sweep sets, from {list(SWEEP_SETS)}", profiled=True),
+        Param("user_sets", (list, str), [], "your own image attack sets for the sweep: CSV or JSONL files whose every "
+              "row has an image or image_text (as notebook 03's user_sets; see the README)"),
         Param("n_per_set", (int,), None, "items per set in the alpha sweep", positive, profiled=True),
         Param("judges", (list, str), None, "judges: refusal_keywords (required), harmfulness, on_topic, fluency, llama_guard (GPU)",
               profiled=True),
@@ -126,8 +129,9 @@ def resolve_params(namespace: dict) -> dict:
         P[key] = as_list(P[key])
         if P[key] or not may_be_empty:
             problem = list_check(choices)(P[key])
-            if problem:
+            if problem and not (key == "sets" and not P[key] and P["user_sets"]):  # only user sets: fine
                 raise ParameterError(f"Parameter {key}={P[key]!r} {problem}.")
+    resolve_user_sets(P)
     if "refusal_keywords" not in P["judges"]:
         raise ParameterError("judges must include 'refusal_keywords' (the ASR every paper reports).")
     if P["preset"] not in models.PRESETS:
@@ -148,14 +152,22 @@ def resolve_params(namespace: dict) -> dict:
 
 
 def check_inputs(P: dict) -> None:
-    """Fail before loading a model: stage 01's sets and the adapters of the chosen methods must exist."""
+    """Fail before loading a model: stage 01's sets and the adapters of the chosen methods must exist, and every row
+    of a user set must show an image (CMRM corrects image inputs)."""
     check_eval_inputs(_as_stage03(P))
+    for path in P.get("user_sets") or []:
+        text_only = [r for r in read_user_set(path) if not (r["image"] or r["image_text"])]
+        if text_only:
+            raise TuError(f"user set {path} line {text_only[0]['line']} has no image or image_text ({len(text_only)} "
+                          "such rows): stage 05's sweep corrects image inputs (CMRM), so every row needs one. Give "
+                          "each row an image, or evaluate text prompts in notebook 03.")
     claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)  # every check passed: the output folder is ours now
 
 
 def _as_stage03(P: dict) -> dict:
     """This stage's inputs in stage 03's terms: the anchor prompts (forget), the evaluated sets and the adapters."""
-    return {"sets": ["forget", "v1_figstep", *P["sets"]], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
+    return {"sets": ["forget", "v1_figstep", *P["sets"]], "user_sets": P.get("user_sets") or [],
+            "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
             "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
             "llava_images_dir": P["llava_images_dir"], "judges": P["judges"]}
 
@@ -413,13 +425,24 @@ ALPHA_PANELS = [("v1_figstep", "asr", "refusal_keywords", "V1 FigStep: ASR (keyw
                 (None, "degenerate", "fluency", "degenerate answers (all sets)")]
 
 
+def alpha_panels(sets) -> list[tuple]:
+    """ALPHA_PANELS, then two per user set in the sweep: its ASR under the keyword judge and its on-topic compliance."""
+    panels = list(ALPHA_PANELS)
+    for name in (n for n in dict.fromkeys(sets) if is_user_set(n)):
+        label = eval_set(name).label
+        panels += [(name, "asr", "refusal_keywords", f"{label}: ASR (keywords)"),
+                   (name, "on_topic_compliance", "on_topic", f"{label}: on-topic compliance")]
+    return panels
+
+
 def alpha_table(sweep):
     """The figure's data: one row per panel, line and alpha. Lines: the base model under dataset-level and
-    sample-level CMRM (both starting from its uncorrected run), and each method alone then with CMRM."""
+    sample-level CMRM (both starting from its uncorrected run), and each method alone then with CMRM. User sets
+    get panels of their own (alpha_panels)."""
     import pandas as pd
 
     rows = []
-    for set_name, metric, judge, title in ALPHA_PANELS:
+    for set_name, metric, judge, title in alpha_panels(sweep["set"]):
         sel = sweep[(sweep["metric"] == metric) & (sweep["judge"] == judge)]
         if set_name is not None:
             sel = sel[sel["set"] == set_name]
@@ -450,7 +473,8 @@ def alpha_figure(table):
 
 
     theme()
-    panels = [t for *_, t in ALPHA_PANELS if t in set(table["panel"])]
+    builtin = [t for *_, t in ALPHA_PANELS]
+    panels = [t for t in builtin if t in set(table["panel"])] + [t for t in dict.fromkeys(table["panel"]) if t not in builtin]
     lines = list(dict.fromkeys(table["line"]))
     colours = dict(zip(lines, plt.get_cmap("tab10").colors))
     cols = min(4, len(panels))
