@@ -233,7 +233,8 @@ def test_on_topic_input_checks():
 
 
 def test_registry():
-    assert set(J.JUDGES) == {"refusal_keywords", "on_topic", "harmfulness", "fluency", "llama_guard"}
+    assert set(J.JUDGES) == {"refusal_keywords", "on_topic", "harmfulness", "fluency", "llama_guard",
+                             "refusal_likelihood"}
     ref = J.get_judge("refusal_keywords")
     assert (ref.name, ref.version) == ("refusal_keywords", "refusal_keywords/gcg-29@1")
     assert J.get_judge("refusal_keywords", prefixes="gcg-13").version == "refusal_keywords/gcg-13@1"

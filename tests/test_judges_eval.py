@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import numpy as np
 import pytest
@@ -39,20 +38,6 @@ NEUTRAL_ANSWERS = ["Mix flour, water, yeast and salt, knead the dough for ten mi
 @pytest.fixture(scope="module")
 def harm():
     return J.fitted_harmfulness_judge()
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    """The organism's frozen SmolLM2-135M backbone (fp32), if it can be built offline here."""
-    from tu_lib.models.presets import organism
-
-    t0 = time.perf_counter()
-    try:
-        model, tok = organism.load_backbone()
-    except TuError as e:
-        pytest.skip(f"backbone unavailable: {e}")
-    assert time.perf_counter() - t0 < 15, "the backbone should load in seconds; the fluency tests assume it"
-    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ Three more judges separate "did not refuse" from "did harm":
   features, fitted on pyrit's human-labelled objective-scorer rows, cross-validated by objective;
 * ``fluency`` — is the answer degenerate (empty, a repetition loop, or gibberish by perplexity under
   a frozen LM): gradient-ascent unlearning produces such output, which keyword ASR counts as success;
-* ``llama_guard`` — Llama Guard 3 for users with a GPU and the hub (not used offline).
+* ``llama_guard`` — Llama Guard 3 for users with a GPU and the hub (not used offline);
+* ``refusal_likelihood`` — refusal by a frozen LM's likelihood of the answer's opening after a "refuse" vs a
+  "help" system turn (the registry's example of a judge added in one file).
 
 Every judge has a ``name`` and a ``version``; ``provenance()`` gives the fields to put in every
 result row, so a number can always be traced to the exact judge (list, threshold) that produced it.

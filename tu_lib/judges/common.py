@@ -1,6 +1,8 @@
 """Argument checks every judge shares."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..core.errors import TuError
 
 # ---------------------------------------------------------------------------------------------
@@ -32,3 +34,9 @@ def check_card(d: dict, name: str) -> None:
     if not isinstance(d, dict) or d.get("name") != name:
         got = d.get("name") if isinstance(d, dict) else type(d).__name__
         raise TuError(f"Not a {name!r} judge card (name {got!r}).")
+
+
+def model_label(model) -> str:
+    """A short name for a judge's version string: the model's folder name, else its model type."""
+    src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    return Path(src).name if src else model.config.model_type

@@ -3,7 +3,6 @@ which gradient-ascent unlearning produces and keyword ASR would count as success
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -12,7 +11,7 @@ from ..core.errors import TuError
 from ..models.likelihood import continuation_logprobs
 from ..models.presets import reference_lm
 from .base import JudgeEntry, column
-from .common import check_card, paired
+from .common import check_card, model_label, paired
 
 # ---------------------------------------------------------------------------------------------
 # fluency: degenerate output as its own category
@@ -55,10 +54,7 @@ class FluencyJudge:
         self.perplexity_threshold = float(perplexity_threshold)
         self.min_repeats, self.max_repeat_unit = int(min_repeats), int(max_repeat_unit)
         self.max_answer_tokens, self.batch_size = int(max_answer_tokens), int(batch_size)
-        if model_name is None:
-            src = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
-            model_name = Path(src).name if src else model.config.model_type
-        self.model_name = str(model_name)
+        self.model_name = str(model_label(model) if model_name is None else model_name)
         self.version = f"fluency/{self.model_name}@1"
 
     def chat(self, prompt: str) -> str:

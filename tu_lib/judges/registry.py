@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..core.errors import TuError
-from . import fluency, harmfulness, llama_guard, on_topic, refusal
+from . import fluency, harmfulness, llama_guard, on_topic, refusal, refusal_likelihood
 from .base import JudgeEntry
 
 JUDGES: dict[str, JudgeEntry] = {e.name: e for e in [
@@ -11,6 +11,7 @@ JUDGES: dict[str, JudgeEntry] = {e.name: e for e in [
     on_topic.ENTRY,
     llama_guard.ENTRY,
     fluency.ENTRY,
+    refusal_likelihood.ENTRY,
 ]}
 REQUIRED_JUDGE = "refusal_keywords"  # keyword ASR is the number every paper reports: always judged
 

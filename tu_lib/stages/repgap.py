@@ -92,7 +92,7 @@ def _spec():
         Param("user_sets", (list, str), [], "your own image attack sets for the sweep: CSV or JSONL files whose every "
               "row has an image or image_text (as notebook 03's user_sets; see the README)"),
         Param("n_per_set", (int,), None, "items per set in the alpha sweep", positive, profiled=True),
-        Param("judges", (list, str), None, "judges: refusal_keywords (required), harmfulness, on_topic, fluency, llama_guard (GPU)",
+        Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} (refusal_keywords is required; llama_guard needs a GPU)",
               profiled=True),
         Param("batch_size", (int,), None, "prompts per batch (generation and hidden states)", positive, profiled=True),
         Param("max_new_tokens", (int,), None, "greedy tokens generated per prompt", positive, profiled=True),
