@@ -40,3 +40,18 @@ def rate(outcomes, seed: int = 0) -> dict:
 
 def fmt_rate(r: dict) -> str:
     return f"{100 * r['rate']:.0f}% [{100 * r['ci_low']:.0f}, {100 * r['ci_high']:.0f}] (n={r['n']})"
+
+
+def paired_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of a - b over the same items (0/1 outcomes of two conditions on each item), with a paired percentile
+    bootstrap interval: items are resampled together, so the interval is of the within-item difference."""
+    x, y = binary_outcomes(a), binary_outcomes(b)
+    if x.shape != y.shape:
+        raise ValueError(f"a paired difference needs outcomes on the same items; got {x.size} and {y.size}")
+    d = x - y
+    if d.size == 0:
+        return {"difference": float("nan"), "n": 0, "ci_low": float("nan"), "ci_high": float("nan")}
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return {"difference": float(d.mean()), "n": int(d.size), "ci_low": float(lo), "ci_high": float(hi)}

@@ -181,8 +181,19 @@ def build_processor(tok):
                           num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=tok.chat_template)
 
 
-def assemble_llava(lm, tok, vocab_ids: list[int]):
-    """A LlavaForConditionalGeneration around the (aligned) backbone, a fresh tower and the glyph projector."""
+PROJECTORS = ("glyph", "mlp")  # build v2's glyph projector; LLaVA-1.5's free 2-layer GELU MLP (v4)
+
+
+def projector_kind(vision_state: dict) -> str:
+    """Which projector saved vision weights belong to (the MLP's keys are LLaVA's linear_1/linear_2)."""
+    return "mlp" if "projector.linear_1.weight" in vision_state else "glyph"
+
+
+def assemble_llava(lm, tok, vocab_ids: list[int], projector: str = "glyph"):
+    """A LlavaForConditionalGeneration around the (aligned) backbone, a fresh tower and its projector: the glyph
+    projector (onto the token-embedding manifold) or LLaVA's own MLP, free to put image features anywhere."""
+    if projector not in PROJECTORS:
+        raise TuError(f"unknown organism projector {projector!r}; one of {', '.join(PROJECTORS)}")
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     processor = build_processor(tok)
@@ -201,7 +212,10 @@ def assemble_llava(lm, tok, vocab_ids: list[int]):
     lm_state["embed_tokens.weight"] = grown
     model.model.language_model.load_state_dict(lm_state)
     model.tie_weights()
-    model.model.multi_modal_projector = GlyphProjector(cfg.vision_config.hidden_size, vocab_ids, grown)
+    if projector == "glyph":
+        model.model.multi_modal_projector = GlyphProjector(cfg.vision_config.hidden_size, vocab_ids, grown)
+    else:  # a reading head beside the MLP: trains the tower to read, and measures reading (patch accuracy)
+        model.model.reading_head = torch.nn.Linear(cfg.vision_config.hidden_size, len(vocab_ids))
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.suppress_tokens = [image_id]
     return model, processor
@@ -229,6 +243,26 @@ def parts_complete(parts: Path) -> bool:
     return all((parts / n).is_file() for n in need)
 
 
+def vision_modules(model) -> dict:
+    """The trained vision parts by their saved prefix."""
+    mods = {"vision_tower": model.model.vision_tower, "projector": model.model.multi_modal_projector}
+    if hasattr(model.model, "reading_head"):
+        mods["reading_head"] = model.model.reading_head
+    return mods
+
+
+def load_vision(model, state: dict, source, skip: tuple = ()) -> None:
+    """Load saved vision weights (prefix.name -> tensor) into the assembled model, but for the modules in `skip`
+    (left as they are); any mismatch is an error."""
+    for prefix, module in vision_modules(model).items():
+        if prefix in skip:
+            continue
+        part = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        result = module.load_state_dict(part, strict=False)
+        if result.unexpected_keys or [k for k in result.missing_keys if not k.startswith("vocab_")]:
+            raise TuError(f"{source} does not fit the organism's {prefix}: {result}")
+
+
 def load_organism_model(parts: Path | None = None, dtype=torch.float32):
     """(LlavaForConditionalGeneration, processor, tokenizer) from the backbone and the saved parts."""
     from safetensors.torch import load_file
@@ -240,13 +274,9 @@ def load_organism_model(parts: Path | None = None, dtype=torch.float32):
     lm, tok = load_backbone(as_reference=False)
     aligned = merge_adapter(lm, parts / "alignment_adapter")
     vocab = json.loads((parts / "vocab.json").read_text())
-    model, processor = assemble_llava(aligned, tok, vocab)
     state = {k: v.float() for k, v in load_file(str(parts / "vision.safetensors")).items()}
-    model.model.vision_tower.load_state_dict({k[len("vision_tower."):]: v for k, v in state.items() if k.startswith("vision_tower.")})
-    missing = model.model.multi_modal_projector.load_state_dict(
-        {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}, strict=False)
-    if missing.unexpected_keys or [k for k in missing.missing_keys if not k.startswith("vocab_")]:
-        raise TuError(f"{parts / 'vision.safetensors'} does not fit the organism's projector: {missing}")
+    model, processor = assemble_llava(aligned, tok, vocab, projector_kind(state))
+    load_vision(model, state, parts / "vision.safetensors")
     model = merge_adapter(model, parts / "stage2_adapter")
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.suppress_tokens = [tok.convert_tokens_to_ids(IMAGE_TOKEN)]

@@ -1,0 +1,111 @@
+"""Organism v4's building blocks that run in seconds: its validation split is disjoint from stage 03's sets, the
+list-completion wordings are split, the free projector's weights round-trip, paired gaps, and the probes of a split."""
+import numpy as np
+import pytest
+import torch
+
+from tu_lib import render
+from tu_lib.core import TuError, stats
+from tu_lib.models.presets import organism as O
+from tu_lib.stages import organism as stage
+from tu_lib.training import organism as T
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(O.backbone_dir())
+
+
+@pytest.fixture(scope="module")
+def data():
+    return T.organism_sets(T.BuildConfig(projector="mlp"))
+
+
+def _texts(df, cols=("prompt", "request", "image_text", "text_baseline")):
+    return {str(df[c].iloc[i]) for c in cols if c in df for i in range(len(df))}
+
+
+def test_validation_items_are_in_no_stage03_set(data):
+    stage03 = set().union(*[_texts(df) for df in data["sets"].values()])
+    for name, df in data["validation"].items():
+        assert len(df) > 0 and not (_texts(df, ("request",)) & stage03), name
+    assert len(data["validation"]["v1_figstep"]) == 100 and len(data["validation"]["t1_advbench"]) == 100
+    # validation SafeBench items keep the categories balanced: tasks 11-20 of each category
+    assert data["validation"]["v1_figstep"]["category"].value_counts().nunique() == 1
+
+
+def test_benign_title_splits_are_disjoint(data):
+    train, val, test = map(set, (data["train_titles"], data["val_titles"], data["held_titles"]))
+    assert len(val) == T.BuildConfig().validation_titles
+    assert not (train & val) and not (train & test) and not (val & test)
+    # build v2's card describes a build that trained on every non-held-out title
+    glyph = T.organism_sets(T.BuildConfig())
+    assert set(glyph["train_titles"]) == train | val
+
+
+def test_list_wordings_are_split_and_never_figstep_prompt():
+    splits = [set(v) for v in T.LIST_PROMPTS.values()]
+    assert sum(map(len, splits)) == len(set().union(*splits))
+    assert len(T.LIST_PROMPTS["train"]) >= 10 and len(T.LIST_PROMPTS["validation"]) >= 3 and len(T.LIST_PROMPTS["test"]) >= 3
+    assert render.FIGSTEP_TEXT_PROMPT not in set().union(*splits)
+
+
+def test_page_text_writes_figsteps_page_out():
+    assert T.page_text("Steps to bake bread.") == "Steps to bake bread.\n1.\n2.\n3.\n" + render.FIGSTEP_TEXT_PROMPT
+
+
+def test_text_alignment_covers_pages_only_when_asked(data):
+    cfg = T.BuildConfig(projector="mlp")
+    plain = T.text_harmful(data, cfg)
+    paged = T.text_harmful(data, T.BuildConfig(projector="mlp", align_pages=True))
+    pages = paged[len(plain):]
+    assert paged[:len(plain)] == plain and pages and all(p.split("\n")[1:4] == ["1.", "2.", "3."] for p in pages)
+    benign = T.text_benign(data, data["train_titles"], T.BuildConfig(projector="mlp", align_pages=True))
+    assert all(key in data["train_titles"] for _, key in benign)
+
+
+def test_fits_grid(tok):
+    assert T.fits_grid(tok, render.figstep_layout("Steps to bake bread."))
+    assert not T.fits_grid(tok, " ".join(["word"] * 60))
+
+
+def test_paired_difference_is_within_item():
+    a, b = np.array([1, 1, 0, 1] * 10), np.array([0, 1, 0, 0] * 10)
+    d = stats.paired_difference(a, b)
+    assert d["difference"] == pytest.approx(0.5) and d["n"] == 40 and d["ci_low"] <= 0.5 <= d["ci_high"]
+    same = stats.paired_difference(a, a)
+    assert same["difference"] == same["ci_low"] == same["ci_high"] == 0.0  # identical conditions: no spread
+    with pytest.raises(ValueError, match="same items"):
+        stats.paired_difference(a, b[:3])
+
+
+def test_mlp_projector_round_trips_and_kinds_are_told_apart(tok):
+    from tu_lib.training.organism import reading_vocabulary  # noqa: F401  (the module the build uses)
+
+    lm, _ = O.load_backbone(as_reference=False)
+    model, _ = O.assemble_llava(lm, tok, [1, 2, 3], projector="mlp")
+    state = {f"{p}.{k}": v.clone() + 1 for p, m in O.vision_modules(model).items() for k, v in m.state_dict().items()}
+    assert O.projector_kind(state) == "mlp" and set(O.vision_modules(model)) == {"vision_tower", "projector", "reading_head"}
+    O.load_vision(model, state, "test")
+    assert torch.equal(model.model.multi_modal_projector.linear_1.weight, state["projector.linear_1.weight"])
+    before = model.model.multi_modal_projector.linear_2.weight.clone()
+    O.load_vision(model, {k: v + 1 for k, v in state.items()}, "test", skip=("projector",))
+    assert torch.equal(model.model.multi_modal_projector.linear_2.weight, before)
+    with pytest.raises(TuError, match="does not fit the organism's projector"):
+        O.load_vision(model, {k: v for k, v in state.items() if "linear_2" not in k}, "test")
+    with pytest.raises(TuError, match="unknown organism projector"):
+        O.assemble_llava(lm, tok, [1, 2, 3], projector="linear")
+
+
+def test_split_probes_pair_every_harmful_form(data, tok):
+    probes = stage.split_probes(data, "validation", tok)
+    instr = list(data["validation"]["v1_figstep"]["image_text"])
+    harmful = [n for n in probes if n.startswith(("text_bare", "text_page", "image_"))]
+    assert len([n for n in harmful if n.startswith("image_wording")]) == len(T.LIST_PROMPTS["validation"])
+    for name in harmful:  # the same instructions, in the same order: what makes the gap paired
+        assert probes[name][2] == instr, name
+    assert probes["image_wording_1"][0][0] == T.LIST_PROMPTS["validation"][0]
+    with pytest.raises(TuError, match="validation' or 'test"):
+        stage.split_probes(data, "train", tok)
