@@ -12,7 +12,6 @@ import ast
 import json
 import time
 from dataclasses import fields, replace
-from pathlib import Path
 
 from tu_lib.core.files import write_json
 from tu_lib.core.paths import runs_dir

@@ -8,7 +8,8 @@ from tu_lib import render
 from tu_lib.core import TuError, stats
 from tu_lib.models.presets import organism as O
 from tu_lib.stages import organism as stage
-from tu_lib.training import organism as T
+from tu_lib.training import organism as B
+from tu_lib.training import organism_data as T
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def data():
-    return T.organism_sets(T.BuildConfig(projector="mlp"))
+    return T.organism_sets(B.BuildConfig(projector="mlp"))
 
 
 def _texts(df, cols=("prompt", "request", "image_text", "text_baseline")):
@@ -38,10 +39,10 @@ def test_validation_items_are_in_no_stage03_set(data):
 
 def test_benign_title_splits_are_disjoint(data):
     train, val, test = map(set, (data["train_titles"], data["val_titles"], data["held_titles"]))
-    assert len(val) == T.BuildConfig().validation_titles
+    assert len(val) == B.BuildConfig().validation_titles
     assert not (train & val) and not (train & test) and not (val & test)
     # build v2's card describes a build that trained on every non-held-out title
-    glyph = T.organism_sets(T.BuildConfig())
+    glyph = T.organism_sets(B.BuildConfig())
     assert set(glyph["train_titles"]) == train | val
 
 
@@ -57,12 +58,12 @@ def test_page_text_writes_figsteps_page_out():
 
 
 def test_text_alignment_covers_pages_only_when_asked(data):
-    cfg = T.BuildConfig(projector="mlp")
+    cfg = B.BuildConfig(projector="mlp")
     plain = T.text_harmful(data, cfg)
-    paged = T.text_harmful(data, T.BuildConfig(projector="mlp", align_pages=True))
+    paged = T.text_harmful(data, B.BuildConfig(projector="mlp", align_pages=True))
     pages = paged[len(plain):]
     assert paged[:len(plain)] == plain and pages and all(p.split("\n")[1:4] == ["1.", "2.", "3."] for p in pages)
-    benign = T.text_benign(data, data["train_titles"], T.BuildConfig(projector="mlp", align_pages=True))
+    benign = T.text_benign(data, data["train_titles"], B.BuildConfig(projector="mlp", align_pages=True))
     assert all(key in data["train_titles"] for _, key in benign)
 
 
@@ -82,8 +83,6 @@ def test_paired_difference_is_within_item():
 
 
 def test_mlp_projector_round_trips_and_kinds_are_told_apart(tok):
-    from tu_lib.training.organism import reading_vocabulary  # noqa: F401  (the module the build uses)
-
     lm, _ = O.load_backbone(as_reference=False)
     model, _ = O.assemble_llava(lm, tok, [1, 2, 3], projector="mlp")
     state = {f"{p}.{k}": v.clone() + 1 for p, m in O.vision_modules(model).items() for k, v in m.state_dict().items()}

@@ -29,7 +29,8 @@ from ..models.presets.organism import (
     parts_complete,
 )
 from ..render.glyphs import GlyphRenderer, figstep_layout
-from ..training.organism import LIST_PROMPTS, BuildConfig, build, cfg_dict, organism_sets, page_text
+from ..training.organism import BuildConfig, build, cfg_dict
+from ..training.organism_data import LIST_PROMPTS, organism_sets, page_text
 
 __all__ = ["BARS", "measure", "bar_table", "SPEC", "subset", "write_card", "calibrated_judge", "properties_frame",
            "properties_figure", "write_measurement", "compare_cards", "stats", "TuError", "truthfulqa_mc1",
