@@ -206,44 +206,60 @@ def _cell_sampler(tok, vocab: list[int], data: dict, rng):
     return sample
 
 
-def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg: BuildConfig, facts: dict) -> None:
-    """Stage 1a (v4, `projector_steps`): the MLP learns, with the LM out of the loop, to output for each cell either a
-    vector whose dot products with the LM's input embeddings pick the cell's token (`projector_fit="dot"`: cross-entropy
-    over the reading vocabulary; norm and direction stay free) or the token's embedding itself ("embedding": mean
-    squared error; the MLP starts on the manifold). Later stages move it freely. `projector_offset` then adds a fixed
-    random direction (that many mean embedding norms) to every output."""
-    rng = np.random.default_rng(cfg.seed + 6)
+def _train_only(model, params: list) -> None:
+    """Freeze the model but `params`."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+
+
+def _train_on_grids(model, processor, tok, vocab, data, cfg, params: list, loss_of, *, steps: int, seed: int,
+                    desc: str) -> list[float]:
+    """Reading practice out of the LM's loop: `steps` batches of sampled glyph grids, `loss_of(pixels, target cell
+    indices)` minimised over `params` (AdamW, warm-up then decay, no clipping), in the build's precision."""
+    rng = np.random.default_rng(seed)
     renderer = GlyphRenderer(tok)
     index = {t: i for i, t in enumerate(vocab)}
     sample = _cell_sampler(tok, vocab, data, rng)
-    proj = model.model.multi_modal_projector
-    emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
-    scale = float((emb ** 2).sum(-1).mean())  # mean squared norm: the MSE target's natural unit
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list(proj.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = Optimiser(params, cfg.tower_lr, warmup_then_decay(cfg.projector_steps, 20, last=False), clip=None)
+    _train_only(model, params)
+    optimiser = Optimiser(params, cfg.tower_lr, warmup_then_decay(steps, 20, last=False), clip=None)
     losses = []
 
     def step(_):
         cells = sample(cfg.tower_batch)
         target = torch.tensor([[index[t] for t in c] for c in cells])
         with precision(cfg):
-            with torch.no_grad():
-                feats = vision_features(model, _pixel_batch(renderer, processor, cells))
-            out = proj(feats).float()
-        if cfg.projector_fit == "embedding":
-            loss = ((out - emb[target]) ** 2).sum(-1).mean() / scale
-        else:
-            loss = torch.nn.functional.cross_entropy((out @ emb.T).reshape(-1, len(vocab)), target.reshape(-1))
+            loss = loss_of(_pixel_batch(renderer, processor, cells), target)
         optimiser.update(loss)
         losses.append(float(loss.detach()))
 
-    run_steps(step, cfg.projector_steps, desc="projector reading")
+    run_steps(step, steps, desc=desc)
     for p in params:
         p.requires_grad_(False)
+    return losses
+
+
+def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg: BuildConfig, facts: dict) -> None:
+    """Stage 1a (v4, `projector_steps`): the MLP learns, with the LM out of the loop, to output for each cell either a
+    vector whose dot products with the LM's input embeddings pick the cell's token (`projector_fit="dot"`: cross-entropy
+    over the reading vocabulary; norm and direction stay free) or the token's embedding itself ("embedding": mean
+    squared error; the MLP starts on the manifold). Later stages move it freely. `projector_offset` then adds a fixed
+    random direction (that many mean embedding norms) to every output."""
+    proj = model.model.multi_modal_projector
+    emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
+    scale = float((emb ** 2).sum(-1).mean())  # mean squared norm: the MSE target's natural unit
+
+    def loss_of(pixels, target):
+        with torch.no_grad():
+            feats = vision_features(model, pixels)
+        out = proj(feats).float()
+        if cfg.projector_fit == "embedding":
+            return ((out - emb[target]) ** 2).sum(-1).mean() / scale
+        return torch.nn.functional.cross_entropy((out @ emb.T).reshape(-1, len(vocab)), target.reshape(-1))
+
+    losses = _train_on_grids(model, processor, tok, vocab, data, cfg, list(proj.parameters()), loss_of,
+                             steps=cfg.projector_steps, seed=cfg.seed + 6, desc="projector reading")
     facts["projector_reading_losses"] = losses
     if cfg.projector_offset:
         g = torch.Generator().manual_seed(cfg.seed + 7)
@@ -256,31 +272,15 @@ def train_tower(model, processor, tok, vocab: list[int], data: dict, cfg: BuildC
     """Stage 1: tower + projector head learn to classify each glyph cell into the reading vocabulary
     (cross-entropy; the LM is not in the loop). Half the grids are random vocabulary tokens, half are
     layouts of training-side texts."""
-    rng = np.random.default_rng(cfg.seed + 1)
-    renderer = GlyphRenderer(tok)
-    index = {t: i for i, t in enumerate(vocab)}
-    sample = _cell_sampler(tok, vocab, data, rng)
     head = getattr(model.model, "reading_head", None) or model.model.multi_modal_projector.head
-    params = list(model.model.vision_tower.parameters()) + list(head.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimiser = Optimiser(params, cfg.tower_lr, warmup_then_decay(cfg.tower_steps, 20, last=False), clip=None)
-    losses = []
 
-    def step(_):
-        cells = sample(cfg.tower_batch)
-        target = torch.tensor([[index[t] for t in c] for c in cells])
-        with precision(cfg):
-            logits = reading_logits(model, vision_features(model, _pixel_batch(renderer, processor, cells)))
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, len(vocab)), target.reshape(-1))
-        optimiser.update(loss)
-        losses.append(float(loss.detach()))
+    def loss_of(pixels, target):
+        logits = reading_logits(model, vision_features(model, pixels))
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, len(vocab)), target.reshape(-1))
 
-    run_steps(step, cfg.tower_steps, desc="tower")
-    for p in params:
-        p.requires_grad_(False)
+    losses = _train_on_grids(model, processor, tok, vocab, data, cfg,
+                             list(model.model.vision_tower.parameters()) + list(head.parameters()), loss_of,
+                             steps=cfg.tower_steps, seed=cfg.seed + 1, desc="tower")
     return {"losses": losses}
 
 
@@ -387,13 +387,10 @@ def _feature_alignment(model, processor, tok, data: dict, benign_prompts: list[s
     rng = np.random.default_rng(cfg.seed + 4)
     batches = [encode_examples(tok, processor, [dict(ex, image=renderer(ex["text"])) for ex in step])
                for step in _steps(pool, cfg.feature_steps, cfg.feature_batch, rng)]
-    for p in model.parameters():
-        p.requires_grad_(False)
     params = list(model.model.multi_modal_projector.parameters())
     if cfg.feature_train_tower:
         params += list(model.model.vision_tower.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    _train_only(model, params)
     facts["feature_alignment_losses"] = train_loop(model, params, batches, lr=cfg.feature_lr, desc="feature alignment",
                                                    cfg=cfg)
     for p in params:
