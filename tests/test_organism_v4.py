@@ -98,6 +98,28 @@ def test_mlp_projector_round_trips_and_kinds_are_told_apart(tok):
         O.assemble_llava(lm, tok, [1, 2, 3], projector="linear")
 
 
+def test_reading_mlp_starts_as_the_glyph_map_and_moves_freely(tok):
+    lm, _ = O.load_backbone(as_reference=False)
+    vocab = [5, 17, 300, 4000]
+    model, _ = O.assemble_llava(lm, tok, vocab, projector="reading-mlp")
+    proj, head = model.model.multi_modal_projector, model.model.reading_head
+    assert [n for n, _ in proj.named_parameters()] == ["linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]
+    features = torch.randn(2, 7, head.in_features)
+    glyph_map = torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab]
+    with torch.no_grad():
+        assert torch.allclose(proj(features), glyph_map, atol=1e-4)  # GELU kept in its linear range
+        head.weight.add_(1.0)  # the projector reads through the reading head, not a copy of it
+        assert torch.allclose(proj(features), torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab],
+                              atol=1e-4)
+        B._modality_offset(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
+        shift = (proj(features) - torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab])
+    mean_norm = float(lm.model.embed_tokens.weight[vocab].norm(dim=1).mean())
+    assert facts["modality_offset_norm"] == pytest.approx(mean_norm, rel=1e-5)
+    assert torch.allclose(shift, shift[0, 0].expand_as(shift), atol=1e-4)  # one fixed direction on every token
+    state = {f"{p}.{k}": v for p, m in O.vision_modules(model).items() for k, v in m.state_dict().items()}
+    assert O.projector_kind(state) == "reading-mlp" and "projector.head.weight" not in state
+
+
 def test_split_probes_pair_every_harmful_form(data, tok):
     probes = stage.split_probes(data, "validation", tok)
     instr = list(data["validation"]["v1_figstep"]["image_text"])
@@ -106,5 +128,19 @@ def test_split_probes_pair_every_harmful_form(data, tok):
     for name in harmful:  # the same instructions, in the same order: what makes the gap paired
         assert probes[name][2] == instr, name
     assert probes["image_wording_1"][0][0] == T.LIST_PROMPTS["validation"][0]
-    with pytest.raises(TuError, match="validation' or 'test"):
+    with pytest.raises(TuError, match="'validation', 'test', 'unseen'"):
         stage.split_probes(data, "train", tok)
+
+
+def test_unseen_split_is_a_source_no_stage_uses(data, tok):
+    probes = stage.split_probes(data, "unseen", tok)
+    instr = probes["text_bare"][0]
+    assert len(instr) >= 100 and len(set(instr)) == len(instr)
+    assert set(probes) == {"text_bare", "text_page", "image_figstep"} | {
+        f"image_wording_{k + 1}" for k in range(len(T.LIST_PROMPTS["test"]))}  # harmful forms only, unseen wordings
+    assert probes["image_wording_1"][0][0] == T.LIST_PROMPTS["test"][0]
+    used = set(data["harmful_prompts"]) | set(data["train_titles"])
+    for sets in (data["sets"], data["validation"]):
+        for df in sets.values():
+            used |= _texts(df)
+    assert not used & set(instr)  # neither trained on nor in any stage-03 or validation set

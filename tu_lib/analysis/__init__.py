@@ -9,6 +9,7 @@ from .repgap import (
     POSITIONS,
     check_alphas,
     check_layers,
+    condition_states,
     direction_cosine,
     gap_metrics,
     gap_table,

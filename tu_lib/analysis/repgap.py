@@ -138,6 +138,13 @@ def hidden_states(vlm, texts: Sequence[str], images: Sequence | None, layers: Se
     return np.stack([row for _, row in out])
 
 
+def condition_states(vlm, instructions: Sequence[str], layers: Sequence[int], *, position: str = "last",
+                     batch_size: int = 16, seed: int = 0, conditions: Sequence[str] = CONDITIONS) -> dict[str, np.ndarray]:
+    """{condition: (n, len(layers), d)} hidden states of the same instructions under matched_inputs' conditions."""
+    inputs = matched_inputs(vlm, instructions, seed=seed)
+    return {c: hidden_states(vlm, *inputs[c], layers, position=position, batch_size=batch_size) for c in conditions}
+
+
 def gap_metrics(a: np.ndarray, b: np.ndarray, *, seed: int = 0, folds: int = 5) -> dict:
     """How far apart two groups of hidden states (n, d) are: centroid distance over the within-group spread
     (root mean squared distance to the own centroid), and a linear probe's cross-validated accuracy (0.5 = the
@@ -161,9 +168,11 @@ def gap_metrics(a: np.ndarray, b: np.ndarray, *, seed: int = 0, folds: int = 5) 
             "normalised_distance": distance / spread if spread > 0 else float("inf"), "probe_accuracy": probe}
 
 
-def gap_table(states: dict[str, np.ndarray], layers: Sequence[int], reference: str = "text", seed: int = 0):
+def gap_table(states: dict[str, np.ndarray], layers: Sequence[int], reference: str = "text", seed: int = 0,
+              harmful: np.ndarray | None = None):
     """Per condition and layer: gap_metrics between that condition's states and the reference condition's.
-    `states[c]` is (n, len(layers), d) from hidden_states, same instructions in the same order."""
+    `states[c]` is (n, len(layers), d) from hidden_states, same instructions in the same order. `harmful` (n bools,
+    optional) adds the cosine between the harmful-minus-benign directions under the condition and in the reference."""
     import pandas as pd
 
     if reference not in states:
@@ -173,7 +182,11 @@ def gap_table(states: dict[str, np.ndarray], layers: Sequence[int], reference: s
         if cond == reference:
             continue
         for j, layer in enumerate(layers):
-            rows.append({"condition": cond, "layer": layer, **gap_metrics(h[:, j], states[reference][:, j], seed=seed)})
+            row = {"condition": cond, "layer": layer, **gap_metrics(h[:, j], states[reference][:, j], seed=seed)}
+            if harmful is not None:
+                ref = states[reference][:, j]
+                row["direction_cosine"] = direction_cosine(h[harmful, j], h[~harmful, j], ref[harmful], ref[~harmful])
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -4,6 +4,7 @@ layer, PCA grid, the alpha sweep.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -16,10 +17,8 @@ from ..analysis.repgap import (
     POSITIONS,
     check_alphas,
     check_layers,
-    direction_cosine,
+    condition_states,
     gap_table,
-    hidden_states,
-    matched_inputs,
     meaningless_image,
     sample_shift_vectors,
     shift_vectors,
@@ -229,16 +228,16 @@ def collect_states(vlm, P: dict, layers: list[int], vectors: dict[str, dict], mo
     (harmful / benign). `vectors[model]` are the shift vectors at combined_alpha."""
     harmful, benign = gap_instructions(P)
     instructions, groups = harmful + benign, ["harmful"] * len(harmful) + ["benign"] * len(benign)
-    inputs = matched_inputs(vlm, instructions, seed=P["seed"])
-    read = lambda cond: hidden_states(vlm, *inputs[cond], layers, position=P["position"], batch_size=P["batch_size"])  # noqa: E731
+    read = partial(condition_states, vlm, instructions, layers, position=P["position"], batch_size=P["batch_size"],
+                   seed=P["seed"])
     states = {}
     for model in models_:
         with model_context(vlm, P, model):
-            states[model] = {cond: read(cond) for cond in CONDITIONS}
+            states[model] = read()
             if model == BASE:
                 with cmrm(vlm, vectors[BASE], P["combined_alpha"]):
                     states[f"{BASE}+cmrm"] = {"text": states[BASE]["text"],
-                                              **{c: read(c) for c in CONDITIONS if c != "text"}}
+                                              **read(conditions=[c for c in CONDITIONS if c != "text"])}
     return states, groups
 
 
@@ -250,12 +249,7 @@ def gap_rows(states: dict, groups: list[str], layers: list[int], seed: int = 0):
     harm = np.array([g == "harmful" for g in groups])
     frames = []
     for model, by_cond in states.items():
-        table = gap_table(by_cond, layers, seed=seed)
-        table["direction_cosine"] = [
-            direction_cosine(by_cond[c][harm, layers.index(layer)], by_cond[c][~harm, layers.index(layer)],
-                             by_cond["text"][harm, layers.index(layer)], by_cond["text"][~harm, layers.index(layer)])
-            for c, layer in zip(table["condition"], table["layer"])]
-        frames.append(table.assign(model=model))
+        frames.append(gap_table(by_cond, layers, seed=seed, harmful=harm).assign(model=model))
     cols = ["model", "condition", "layer", "normalised_distance", "probe_accuracy", "direction_cosine",
             "centroid_distance", "within_spread"]
     return pd.concat(frames, ignore_index=True)[cols]

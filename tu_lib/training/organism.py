@@ -146,7 +146,8 @@ class BuildConfig:
     heldout_title_fraction: float = HELDOUT_TITLE_FRACTION  # recorded in the card; benign_titles uses this value
     eval_tokens: int = 48
     # --- v4: a free projector, LLaVA's two training stages, text formats attacks use
-    projector: str = "glyph"  # "glyph" (v2: onto the token-embedding manifold) or "mlp" (LLaVA-1.5's 2-layer GELU MLP)
+    projector: str = "glyph"  # "glyph" (v2: onto the token-embedding manifold), "mlp" (LLaVA-1.5's 2-layer GELU MLP) or
+    # "reading-mlp" (that MLP over the tower's reading distribution, starting as the glyph map: models ReadingMLP)
     align_pages: bool = False  # also align titles as FigStep's page written out in text (harmful refused, benign answered)
     feature_steps: int = 0  # LLaVA stage 1: projector trained on reading targets with the LM frozen
     feature_batch: int = 16
@@ -244,8 +245,7 @@ def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg:
     """Stage 1a (v4, `projector_steps`): the MLP learns, with the LM out of the loop, to output for each cell either a
     vector whose dot products with the LM's input embeddings pick the cell's token (`projector_fit="dot"`: cross-entropy
     over the reading vocabulary; norm and direction stay free) or the token's embedding itself ("embedding": mean
-    squared error; the MLP starts on the manifold). Later stages move it freely. `projector_offset` then adds a fixed
-    random direction (that many mean embedding norms) to every output."""
+    squared error; the MLP starts on the manifold). Later stages move it freely."""
     proj = model.model.multi_modal_projector
     emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
     scale = float((emb ** 2).sum(-1).mean())  # mean squared norm: the MSE target's natural unit
@@ -261,11 +261,18 @@ def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg:
     losses = _train_on_grids(model, processor, tok, vocab, data, cfg, list(proj.parameters()), loss_of,
                              steps=cfg.projector_steps, seed=cfg.seed + 6, desc="projector reading")
     facts["projector_reading_losses"] = losses
-    if cfg.projector_offset:
-        g = torch.Generator().manual_seed(cfg.seed + 7)
-        direction = torch.randn(emb.shape[1], generator=g)
-        with torch.no_grad():
-            proj.linear_2.bias += cfg.projector_offset * emb.norm(dim=1).mean() * direction / direction.norm()
+
+
+def _modality_offset(model, vocab: list[int], cfg: BuildConfig, facts: dict) -> None:
+    """`projector_offset`: one fixed random direction, `projector_offset` mean embedding norms long, added to every
+    image token (linear_2's bias, which later stages may move): the mean shift between image and text inputs that
+    paper B measures in real VLMs and CMRM removes."""
+    emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
+    direction = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(cfg.seed + 7))
+    offset = cfg.projector_offset * emb.norm(dim=1).mean() * direction / direction.norm()
+    with torch.no_grad():
+        model.model.multi_modal_projector.linear_2.bias += offset.to(model.model.multi_modal_projector.linear_2.bias.dtype)
+    facts["modality_offset_norm"] = float(offset.norm())
 
 
 def train_tower(model, processor, tok, vocab: list[int], data: dict, cfg: BuildConfig, log=print) -> dict:
@@ -459,12 +466,13 @@ def _save_vision(model, parts: Path) -> None:
 
 # Which BuildConfig fields each step depends on: a development build may take a step's result from an earlier build
 # whose fields agree (`reuse`); a committed build never does.
-DATA_FIELDS = ("seed", "data_profile", "target_tokens", "projector", "validation_titles")
+DATA_FIELDS = ("seed", "data_profile", "target_tokens", "projector_family", "validation_titles")
 ALIGN_FIELDS = DATA_FIELDS + ("align_epochs", "align_benign_repeat", "align_batch", "align_lr", "lora_r",
                               "lora_first_layer", "align_pages", "precision")
-TOWER_FIELDS = ALIGN_FIELDS + ("tower_steps", "tower_batch", "tower_lr")
-FEATURE_FIELDS = TOWER_FIELDS + ("projector_steps", "projector_offset", "projector_fit", "feature_steps", "feature_batch", "feature_lr",
-                                  "feature_train_tower")
+TOWER_FIELDS = DATA_FIELDS + ("precision", "tower_steps", "tower_batch", "tower_lr")  # the LM is out of the tower's loop
+FEATURE_FIELDS = ALIGN_FIELDS + TOWER_FIELDS[len(DATA_FIELDS):] + (
+    "projector", "projector_steps", "projector_offset", "projector_fit", "feature_steps", "feature_batch", "feature_lr",
+    "feature_train_tower")
 
 
 def _reusable(cfg: BuildConfig, reuse: Path | None, fields: tuple) -> bool:
@@ -472,7 +480,13 @@ def _reusable(cfg: BuildConfig, reuse: Path | None, fields: tuple) -> bool:
         return False
     old = json.loads((Path(reuse) / "build.json").read_text())["config"]
     new = cfg_dict(cfg)
-    return all(old.get(f, BuildConfig.__dataclass_fields__[f].default) == new[f] for f in fields)
+
+    def value(config: dict, field: str):  # the data, alignment and tower are the same for every free projector
+        if field == "projector_family":
+            return "glyph" if config.get("projector", "glyph") == "glyph" else "free"
+        return config.get(field, BuildConfig.__dataclass_fields__[field].default)
+
+    return all(value(old, f) == value(new, f) for f in fields)
 
 
 def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print, reuse: Path | None = None) -> dict:
@@ -532,18 +546,21 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
         else:
             model, processor = _vision_path(aligned, tok, data, cfg, parts, facts, log)
         timings["tower"] = time.time() - t
-        if cfg.projector == "mlp":
+        if cfg.projector != "glyph":
             t = time.time()
             if _reusable(cfg, reuse, FEATURE_FIELDS):
                 reused.append("feature_alignment")
             else:
+                vocab = json.loads((parts / "vocab.json").read_text())
                 if cfg.projector_steps:
-                    _projector_reading(model, processor, tok, json.loads((parts / "vocab.json").read_text()), data, cfg,
-                                       facts)
-                _feature_alignment(model, processor, tok, data, benign_prompts, cfg, facts)
+                    _projector_reading(model, processor, tok, vocab, data, cfg, facts)
+                if cfg.projector_offset:
+                    _modality_offset(model, vocab, cfg, facts)
+                if cfg.feature_steps:
+                    _feature_alignment(model, processor, tok, data, benign_prompts, cfg, facts)
             timings["feature_alignment"] = time.time() - t
         t = time.time()
-        tune = _visual_tuning_mlp if cfg.projector == "mlp" else _visual_tuning
+        tune = _visual_tuning if cfg.projector == "glyph" else _visual_tuning_mlp
         peft_vlm = tune(model, processor, tok, data, benign_prompts, answer_of, cfg, facts)
         timings["visual_tuning"] = time.time() - t
         save_adapter(peft_vlm, parts / "stage2_adapter")

@@ -123,6 +123,21 @@ def fits_grid(tok, text: str) -> bool:
     return rows <= GRID
 
 
+def unseen_instructions(tok, data: dict, data_dir=None) -> list[str]:
+    """Harmful requests from a source the organism's build, its design and stage 03 do not use: the unique objectives of
+    pyrit's objective-scorer evaluation sets (337; the package reads them only to validate its harmfulness judge) whose
+    FigStep page fits one image, as published, less the few that also occur in a curated set or the training side
+    (`data` from organism_sets; pyrit borrowed them from AdvBench and HarmBench). The check that a gap is not an
+    artefact of SafeBench's wording."""
+    from ..data.local import load_objective_examples
+
+    used = set(data["harmful_prompts"]) | set(data["train_titles"])
+    for df in list(data["sets"].values()) + list(data["validation"].values()):
+        used |= {str(v) for c in ("prompt", "request", "image_text", "text_baseline") if c in df for v in df[c]}
+    objectives = sorted(set(load_objective_examples(data_dir)["objective"].str.strip()) - used)
+    return [o for o in objectives if fits_grid(tok, figstep_layout(o))]
+
+
 def benign_reading_texts(tok, data: dict, benign_prompts: list[str]) -> list[tuple[str, str]]:
     """(image text, what reading it gives) for the benign reading targets: each training title as FigStep's page
     (read back as the title) and every benign training prompt that fits one image."""

@@ -155,6 +155,37 @@ class GlyphProjector(torch.nn.Module):
         return (probs @ self.vocab_embeddings.float() + self.offset.float()).to(features.dtype)
 
 
+class ReadingMLP(torch.nn.Module):
+    """LLaVA-1.5's 2-layer GELU MLP (linear_1, act, linear_2, LLaVA's names) over the tower's reading distribution (the
+    reading head's softmax) instead of its raw features. It starts as the glyph projector's map, exactly: linear_1 gives
+    [x, -x] for x = the distribution times the reading vocabulary's embeddings, and linear_2 takes GELU(x) - GELU(-x),
+    which is x (GELU(z) - GELU(-z) = z), hence a hidden layer twice the LM's width. Then it is free: nothing pins what
+    training makes of it to the embedding manifold. (A start that kept GELU linear by a large bias instead amplified
+    every optimiser step on linear_2 by that bias: outputs 40x the embedding norm after 150 steps, build v4f.) Four MLPs
+    over raw features did not teach the 135M LM to read (docs/ORGANISM_ATTEMPTS.md); this one reads from its first step.
+    The reading head stays `model.model.reading_head` (trained with the tower, saved under its own name)."""
+
+    def __init__(self, head: torch.nn.Linear, vocab_embeddings: torch.Tensor):
+        from transformers.activations import ACT2FN
+
+        super().__init__()
+        n_vocab, hidden = vocab_embeddings.shape
+        self._head = (head,)  # a reference, not a submodule: its weights belong to reading_head
+        self.linear_1 = torch.nn.Linear(n_vocab, 2 * hidden)
+        self.act = ACT2FN["gelu"]
+        self.linear_2 = torch.nn.Linear(2 * hidden, hidden)
+        eye = torch.eye(hidden)
+        with torch.no_grad():
+            self.linear_1.weight.copy_(torch.cat([vocab_embeddings.T, -vocab_embeddings.T]))
+            self.linear_2.weight.copy_(torch.cat([eye, -eye], dim=1))
+            self.linear_1.bias.zero_()
+            self.linear_2.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self._head[0](features).float(), dim=-1).to(features.dtype)
+        return self.linear_2(self.act(self.linear_1(probs)))
+
+
 def vision_config():
     from transformers import CLIPVisionConfig
 
@@ -181,12 +212,18 @@ def build_processor(tok):
                           num_additional_image_tokens=1, image_token=IMAGE_TOKEN, chat_template=tok.chat_template)
 
 
-PROJECTORS = ("glyph", "mlp")  # build v2's glyph projector; LLaVA-1.5's free 2-layer GELU MLP (v4)
+# build v2's glyph projector; LLaVA-1.5's free 2-layer GELU MLP over the tower's features (v4a-d); the same MLP over the
+# tower's reading distribution (ReadingMLP)
+PROJECTORS = ("glyph", "mlp", "reading-mlp")
 
 
 def projector_kind(vision_state: dict) -> str:
-    """Which projector saved vision weights belong to (the MLP's keys are LLaVA's linear_1/linear_2)."""
-    return "mlp" if "projector.linear_1.weight" in vision_state else "glyph"
+    """Which projector saved vision weights belong to (the MLPs' keys are LLaVA's linear_1/linear_2; the reading MLP's
+    linear_1 takes one input per reading-vocabulary token)."""
+    if "projector.linear_1.weight" not in vision_state:
+        return "glyph"
+    n_in = vision_state["projector.linear_1.weight"].shape[1]
+    return "reading-mlp" if n_in == vision_state["reading_head.weight"].shape[0] else "mlp"
 
 
 def assemble_llava(lm, tok, vocab_ids: list[int], projector: str = "glyph"):
@@ -216,6 +253,8 @@ def assemble_llava(lm, tok, vocab_ids: list[int], projector: str = "glyph"):
         model.model.multi_modal_projector = GlyphProjector(cfg.vision_config.hidden_size, vocab_ids, grown)
     else:  # a reading head beside the MLP: trains the tower to read, and measures reading (patch accuracy)
         model.model.reading_head = torch.nn.Linear(cfg.vision_config.hidden_size, len(vocab_ids))
+        if projector == "reading-mlp":
+            model.model.multi_modal_projector = ReadingMLP(model.model.reading_head, grown[vocab_ids])
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.suppress_tokens = [image_id]
     return model, processor
@@ -300,8 +339,13 @@ def load_organism(dtype="auto", device="cpu", parts: Path | None = None):
                       "differ): run notebook 00 to measure them and write their card, or restore the committed "
                       "organism with `git checkout -- organism/`.")
     model, processor, tok = load_organism_model(parts, dtype)
-    return VLM(preset="organism", family="chatml", model=model.to(device), processor=processor, dtype=dtype,
-                      typography=GlyphRenderer(tok).typeset, card=card)
+    return as_vlm(model.to(device), processor, tok, dtype, card)
+
+
+def as_vlm(model, processor, tok, dtype=torch.float32, card: dict | None = None):
+    """The organism as a models.VLM: the interface stages 02-05 (and the card's representation gap) work through."""
+    return VLM(preset="organism", family="chatml", model=model, processor=processor, dtype=dtype,
+               typography=GlyphRenderer(tok).typeset, card=card or {})
 
 
 # ---------------------------------------------------------------------------------------------
