@@ -34,12 +34,21 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def print_bars(measured: dict) -> None:
+    for row in stage.v4_bar_table(measured):
+        flag = {True: "ok", False: "MISS", None: ""}[row["meets_bar"]]
+        print(f"{row['property']:<44} {row['value']:>7.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']:<4} "
+              f"{row['bar']:<28} {flag}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name")
     ap.add_argument("--reuse", default=None, help="an earlier variant's name whose matching steps are reused")
     ap.add_argument("--set", nargs="*", default=[], help="BuildConfig field=value")
     ap.add_argument("--measure-only", action="store_true", help="measure an existing build again")
+    ap.add_argument("--unseen", action="store_true",
+                    help="also measure the unseen-source split (pyrit objectives; a check, never a design input)")
     args = ap.parse_args()
     root = runs_dir() / "organism_dev"
     parts = root / args.name
@@ -59,10 +68,12 @@ def main() -> None:
     measured["reading"] = {k: facts.get(k) for k in ("patch_accuracy", "vocab_coverage")}
     measured["on_topic_calibration"] = calibration
     write_json(parts / "validation.json", measured)
-    for row in stage.v4_bar_table(measured):
-        flag = {True: "ok", False: "MISS", None: ""}[row["meets_bar"]]
-        print(f"{row['property']:<44} {row['value']:>7.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}] n={row['n']:<4} "
-              f"{row['bar']:<28} {flag}")
+    print_bars(measured)
+    if args.unseen:
+        unseen = stage.measure_split(model, processor, tok, data, "unseen", judge, cfg.eval_tokens)
+        write_json(parts / "unseen.json", unseen)
+        print("unseen source:")
+        print_bars(unseen)
     print("reading:", json.dumps(measured["reading"]))
     print(f"total {time.time() - t:.0f} s")
 

@@ -454,7 +454,19 @@ def _visual_tuning_mlp(model, processor, tok, data: dict, benign_prompts: list[s
     peft_vlm.eval()
     facts["stage2_losses"], facts["stage2_text_kl"] = losses, kls
     facts["stage2_pools"] = {"image": len(image_pool), "text": len(text_pool)}
+    facts["image_token_norm"] = _image_token_norm(model, processor, tok, data["train_titles"][:32])
     return peft_vlm
+
+
+@torch.inference_mode()
+def _image_token_norm(model, processor, tok, titles: list[str]) -> dict:
+    """Mean norm of the projector's outputs on FigStep pages of `titles` beside the LM's mean embedding norm: how far
+    training moved the image tokens from the embeddings' scale (a blind image path shows here first)."""
+    renderer = GlyphRenderer(tok)
+    cells = [token_cells(tok, figstep_layout(t)) for t in titles]
+    out = model.model.multi_modal_projector(vision_features(model, _pixel_batch(renderer, processor, cells)))
+    return {"image_tokens": float(out.float().norm(dim=-1).mean()),
+            "embeddings": float(model.model.language_model.embed_tokens.weight.float().norm(dim=-1).mean())}
 
 
 def _save_vision(model, parts: Path) -> None:
