@@ -107,7 +107,7 @@ def test_reading_mlp_starts_as_the_glyph_map_and_moves_freely(tok):
     features = torch.randn(2, 7, head.in_features)
     glyph_map = torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab]
     with torch.no_grad():
-        assert torch.allclose(proj(features), glyph_map, atol=1e-4)  # GELU kept in its linear range
+        assert torch.allclose(proj(features), glyph_map, atol=1e-4)  # GELU(x) - GELU(-x) = x: the glyph map, exactly
         head.weight.add_(1.0)  # the projector reads through the reading head, not a copy of it
         assert torch.allclose(proj(features), torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab],
                               atol=1e-4)
