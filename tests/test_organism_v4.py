@@ -111,7 +111,7 @@ def test_reading_mlp_starts_as_the_glyph_map_and_moves_freely(tok):
         head.weight.add_(1.0)  # the projector reads through the reading head, not a copy of it
         assert torch.allclose(proj(features), torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab],
                               atol=1e-4)
-        B._modality_offset(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
+        B._modality_shift(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
         shift = (proj(features) - torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab])
     mean_norm = float(lm.model.embed_tokens.weight[vocab].norm(dim=1).mean())
     assert facts["modality_offset_norm"] == pytest.approx(mean_norm, rel=1e-5)
@@ -144,3 +144,41 @@ def test_unseen_split_is_a_source_no_stage_uses(data, tok):
         for df in sets.values():
             used |= _texts(df)
     assert not used & set(instr)  # neither trained on nor in any stage-03 or validation set
+
+
+def test_optimiser_groups_give_a_part_its_own_rate():
+    """Visual tuning's projector may learn at its own rate (stage2_projector_lr): one AdamW step moves each part by
+    about its group's rate, frozen parameters are left out, and the schedule scales every group alike."""
+    from tu_lib.training.loop import Optimiser, warmup_then_decay
+
+    torch.manual_seed(0)
+    lm, projector = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    projector.bias.requires_grad_(False)
+    before = [p.detach().clone() for p in (lm.weight, projector.weight, projector.bias)]
+    opt = Optimiser([{"params": list(lm.parameters())}, {"params": list(projector.parameters()), "lr": 1e-2}], 1e-4,
+                    warmup_then_decay(10, 1), clip=None)
+    assert len(opt.params) == 3  # the frozen bias is not optimised
+    opt.update((lm(torch.ones(2, 4)) + projector(torch.ones(2, 4))).pow(2).sum())
+    moved = [float((p.detach() - b).abs().max()) for p, b in zip((lm.weight, projector.weight, projector.bias), before)]
+    assert moved[0] == pytest.approx(1e-4, rel=1e-3) and moved[1] == pytest.approx(1e-2, rel=1e-3) and moved[2] == 0
+    assert [g["lr"] for g in opt.opt.param_groups] == pytest.approx([0.9e-4, 0.9e-2])
+
+
+def test_modality_mix_rotates_image_tokens_away_from_their_embeddings(tok):
+    """projector_mix: each image token becomes (1 - m) x + m R x (R a fixed rotation), a displacement that depends on
+    the content (unlike the offset) and leaves the token at cosine (1 - m) / sqrt((1 - m)^2 + m^2) to its embedding."""
+    lm, _ = O.load_backbone(as_reference=False)
+    vocab = [5, 17, 300, 4000]
+    model, _ = O.assemble_llava(lm, tok, vocab, projector="reading-mlp")
+    proj, head = model.model.multi_modal_projector, model.model.reading_head
+    features = torch.randn(3, 5, head.in_features)
+    with torch.no_grad():
+        before = proj(features)
+        B._modality_shift(model, vocab, B.BuildConfig(projector_mix=0.5), facts := {})
+        after = proj(features)
+    assert "modality_offset_norm" not in facts  # no offset asked for
+    shift = after - before
+    assert not torch.allclose(shift, shift[0, 0].expand_as(shift), atol=1e-3)  # not one constant
+    cosine = torch.nn.functional.cosine_similarity(after, before, dim=-1)
+    assert torch.allclose(cosine, torch.full_like(cosine, 0.5 / (0.5 ** 2 * 2) ** 0.5), atol=0.05)
+    assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1) * (0.5 ** 2 * 2) ** 0.5, rtol=0.05)

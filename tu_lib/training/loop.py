@@ -30,13 +30,20 @@ def warmup_then_decay(steps: int, warmup: int, *, last: bool = True) -> Callable
 
 
 class Optimiser:
-    """AdamW without weight decay over the trainable `params`, an LR factor per step (None: constant) and clipping of
-    the gradients' global norm to `clip` (None: no clipping)."""
+    """AdamW without weight decay over the trainable `params` (or torch's parameter groups, when a part learns at its
+    own rate), an LR factor per step (None: constant) and clipping of the gradients' global norm to `clip` (None: no
+    clipping)."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float, lr_factor: Callable[[int], float] | None = None,
-                 clip: float | None = 1.0):
-        self.params = [p for p in params if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+    def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict], lr: float,
+                 lr_factor: Callable[[int], float] | None = None, clip: float | None = 1.0):
+        items = list(params)
+        if items and isinstance(items[0], dict):  # torch's parameter groups, e.g. a part with its own "lr"
+            groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
+            groups = [g for g in groups if g["params"]]
+            self.params = [p for g in groups for p in g["params"]]
+        else:
+            groups = self.params = [p for p in items if p.requires_grad]
+        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_factor) if lr_factor is not None else None
         self.clip = clip
 

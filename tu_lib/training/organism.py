@@ -155,6 +155,7 @@ class BuildConfig:
     feature_train_tower: bool = False  # stage 1 trains the tower with the projector (else the projector alone)
     projector_steps: int = 0  # stage 1a: the MLP learns to output what the LM's embeddings read (LM out of the loop)
     projector_offset: float = 0.0  # then a fixed random offset of this many mean embedding norms on every image token
+    projector_mix: float = 0.0  # and, before it, a fixed random rotation mixed in at this weight (_modality_shift)
     projector_fit: str = "dot"  # stage 1a's target: "dot" (dot products with the embeddings pick the token) or
     # "embedding" (the token's embedding itself, by mean squared error: the MLP starts on the embedding manifold)
     stage2_images: int = 4  # mlp: benign image examples per visual-tuning step
@@ -163,6 +164,7 @@ class BuildConfig:
     stage2_figstep_prompt: bool = False  # whether FigStep's own prompt is among the visual-tuning wordings
     stage2_lora_first_layer: int = -1  # mlp: first LM layer visual tuning adapts (-1: lora_first_layer)
     stage2_train_projector: bool = False  # mlp: visual tuning also trains the projector (LLaVA's stage 2 does)
+    stage2_projector_lr: float = 0.0  # mlp: the projector's own learning rate in visual tuning (0: stage2_lr)
     validation_titles: int = 30  # benign titles carved from the training titles for design choices
     n_validation: int = 100  # harmful validation instructions (SafeBench items outside stage 03's V1)
     precision: str = "auto"  # "auto": bf16 autocast on fast-bf16 CPUs (v2); "float32": the same on every CPU
@@ -263,16 +265,28 @@ def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg:
     facts["projector_reading_losses"] = losses
 
 
-def _modality_offset(model, vocab: list[int], cfg: BuildConfig, facts: dict) -> None:
-    """`projector_offset`: one fixed random direction, `projector_offset` mean embedding norms long, added to every
-    image token (linear_2's bias, which later stages may move): the mean shift between image and text inputs that
-    paper B measures in real VLMs and CMRM removes."""
+def _modality_shift(model, vocab: list[int], cfg: BuildConfig, facts: dict) -> None:
+    """Where image tokens land beside the text embeddings, set on linear_2 (which later stages may move).
+    `projector_mix`: every output x becomes (1 - m) x + m R x for one fixed random rotation R: a content-dependent,
+    full-rank displacement (the cosine to the token's own embedding falls to about (1 - m) / sqrt((1 - m)^2 + m^2)),
+    which a rank-16 LoRA cannot undo the way it cancels a constant. `projector_offset`: then one fixed random direction,
+    that many mean embedding norms long, on every image token: the mean shift between image and text inputs that paper
+    B measures in real VLMs and CMRM removes."""
+    linear_2 = model.model.multi_modal_projector.linear_2
     emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
-    direction = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(cfg.seed + 7))
-    offset = cfg.projector_offset * emb.norm(dim=1).mean() * direction / direction.norm()
+    hidden = emb.shape[1]
     with torch.no_grad():
-        model.model.multi_modal_projector.linear_2.bias += offset.to(model.model.multi_modal_projector.linear_2.bias.dtype)
-    facts["modality_offset_norm"] = float(offset.norm())
+        if cfg.projector_mix:
+            gauss = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(cfg.seed + 8), dtype=torch.float64)
+            rotation, _ = torch.linalg.qr(gauss)
+            mix = ((1 - cfg.projector_mix) * torch.eye(hidden, dtype=torch.float64) + cfg.projector_mix * rotation)
+            linear_2.weight.copy_((mix @ linear_2.weight.double()).to(linear_2.weight.dtype))
+            linear_2.bias.copy_((mix @ linear_2.bias.double()).to(linear_2.bias.dtype))
+        if cfg.projector_offset:
+            direction = torch.randn(hidden, generator=torch.Generator().manual_seed(cfg.seed + 7))
+            offset = cfg.projector_offset * emb.norm(dim=1).mean() * direction / direction.norm()
+            linear_2.bias += offset.to(linear_2.bias.dtype)
+            facts["modality_offset_norm"] = float(offset.norm())
 
 
 def train_tower(model, processor, tok, vocab: list[int], data: dict, cfg: BuildConfig, log=print) -> dict:
@@ -432,10 +446,16 @@ def _visual_tuning_mlp(model, processor, tok, data: dict, benign_prompts: list[s
     text_batches = [encode_examples(tok, processor, step) for step in text_steps]
     first = cfg.lora_first_layer if cfg.stage2_lora_first_layer < 0 else cfg.stage2_lora_first_layer
     peft_vlm = get_peft_model(model, lora_config(LM_LINEARS, cfg.lora_r, first))
+    params = list(peft_vlm.parameters())
     if cfg.stage2_train_projector:
-        for p in peft_vlm.base_model.model.model.multi_modal_projector.parameters():
+        projector = list(peft_vlm.base_model.model.model.multi_modal_projector.parameters())
+        for p in projector:
             p.requires_grad_(True)
-    optimiser = Optimiser(peft_vlm.parameters(), cfg.stage2_lr, warmup_then_decay(cfg.stage2_steps, 5))
+        if cfg.stage2_projector_lr:  # the projector at its own rate: how far image tokens may drift from the text space
+            ids = {id(p) for p in projector}
+            params = [{"params": [p for p in params if id(p) not in ids]},
+                      {"params": projector, "lr": cfg.stage2_projector_lr}]
+    optimiser = Optimiser(params, cfg.stage2_lr, warmup_then_decay(cfg.stage2_steps, 5))
     losses, kls = [], []
 
     def step(i):
@@ -483,7 +503,7 @@ ALIGN_FIELDS = DATA_FIELDS + ("align_epochs", "align_benign_repeat", "align_batc
                               "lora_first_layer", "align_pages", "precision")
 TOWER_FIELDS = DATA_FIELDS + ("precision", "tower_steps", "tower_batch", "tower_lr")  # the LM is out of the tower's loop
 FEATURE_FIELDS = ALIGN_FIELDS + TOWER_FIELDS[len(DATA_FIELDS):] + (
-    "projector", "projector_steps", "projector_offset", "projector_fit", "feature_steps", "feature_batch", "feature_lr",
+    "projector", "projector_steps", "projector_offset", "projector_mix", "projector_fit", "feature_steps", "feature_batch", "feature_lr",
     "feature_train_tower")
 
 
@@ -566,8 +586,8 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
                 vocab = json.loads((parts / "vocab.json").read_text())
                 if cfg.projector_steps:
                     _projector_reading(model, processor, tok, vocab, data, cfg, facts)
-                if cfg.projector_offset:
-                    _modality_offset(model, vocab, cfg, facts)
+                if cfg.projector_offset or cfg.projector_mix:
+                    _modality_shift(model, vocab, cfg, facts)
                 if cfg.feature_steps:
                     _feature_alignment(model, processor, tok, data, benign_prompts, cfg, facts)
             timings["feature_alignment"] = time.time() - t
