@@ -1,24 +1,35 @@
-"""Batched, left-padded, greedy generation for any preset (the LLaVA code path serves them all).
+"""Batched greedy generation for any preset (the LLaVA code path serves them all).
 
-Peers' scripts generate one prompt at a time; batching the same greedy decode is several times faster
-on CPU with identical outputs in fp32 (GUIDE §7; benchmarks/bench_generate.py measures it).
+Peers' scripts generate one prompt at a time through `model.generate`; `generate` runs the same greedy
+decode with identical float32 outputs on the benchmark inputs, several times faster on a CPU
+(benchmarks/bench_generate.py measures it against `generate_reference`, the HF left-padded batches this
+module used before, and against the GEMM rate of the machine). The fast path is a greedy loop over the
+model's own forward with HF's DynamicCache (`_greedy`), because `model.generate` spends its time where
+nothing is needed on a CPU:
+- every prompt of a call starts with the same chat-template prefix (ChatML's system turn is 24 of a text
+  prompt's ~45 tokens): its KV cache is computed once per call and copied into every batch (`_Prefix`);
+- a batch decodes until its longest answer ends: rows leave the batch (and its cache) as they finish.
 `generate_jsonl` is the resumable form for long runs: outputs are appended to a JSONL file after every
 batch, so an interrupted evaluation restarts where it stopped instead of from zero."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from tqdm.std import tqdm  # plain bars: tqdm.auto warns about ipywidgets on stderr in notebooks
+from transformers import DynamicCache
+from transformers.generation.logits_process import SuppressTokensLogitsProcessor
 
 from ..core.errors import TuError
 
-__all__ = ["generate", "generate_per_sample", "generate_jsonl", "progress_enabled", "weights_fingerprint"]
+__all__ = ["generate", "generate_per_sample", "generate_reference", "generate_jsonl", "progress_enabled",
+           "weights_fingerprint"]
 
 
 def progress_enabled() -> bool:
@@ -35,36 +46,170 @@ def _plan(texts: Sequence[str], images: Sequence, batch_size: int) -> list[list[
     return [b for b in batches if b]
 
 
-@torch.inference_mode()
-def _generate_batch(model, processor, texts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
-    """One left-padded greedy batch; `images` is None for a text-only batch. Every public function
-    below decodes through here, so batched, per-sample and resumable runs share one decoding setup."""
+def _encode(processor, texts: list[str], images: list | None) -> dict:
+    """Left-padded model inputs of one batch (image placeholders expanded by the processor)."""
     tok = processor.tokenizer
     tok.padding_side = "left"
     if images is not None:
-        enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    else:
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    enc = {k: v.to(model.device) for k, v in enc.items()}
+        return dict(processor(text=texts, images=images, return_tensors="pt", padding=True))
+    return dict(tok(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+
+
+def _decode(tok, rows) -> list[str]:
+    return [row.strip() for row in tok.batch_decode(rows, skip_special_tokens=True)]
+
+
+@torch.inference_mode()
+def _generate_batch_hf(model, processor, texts: list[str], images: list | None, max_new_tokens: int,
+                       prefix=None, select=None) -> list[str]:
+    """One left-padded greedy batch through `model.generate` (`images` is None for a text-only batch):
+    the reference decode that `generate_per_sample` and `generate_reference` run."""
+    enc = {k: v.to(model.device) for k, v in _encode(processor, texts, images).items()}
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                         pad_token_id=tok.pad_token_id)
-    new = gen[:, enc["input_ids"].shape[1]:]
-    return [row.strip() for row in tok.batch_decode(new, skip_special_tokens=True)]
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    return _decode(processor.tokenizer, gen[:, enc["input_ids"].shape[1]:])
+
+
+class _Prefix(NamedTuple):
+    """The token ids every input of a call starts with, and their KV cache (batch of one)."""
+    ids: list[int]
+    cache: DynamicCache
+
+
+def _greedy_setup(model):
+    """(logits processors, EOS ids) of greedy `model.generate` with this model's generation config, or None
+    when that config asks for a processor `_greedy` does not run (it then falls back to `model.generate`).
+    Only token suppression is supported: it does not read the sequence so far, which `_greedy` does not keep
+    per row in `model.generate`'s layout (the organism's config suppresses the image token)."""
+    config = copy.deepcopy(model.generation_config)
+    config.update(do_sample=False, num_beams=1)
+    processors = model._get_logits_processor(generation_config=config, device=model.device)
+    if any(not isinstance(p, SuppressTokensLogitsProcessor) for p in processors):
+        return None
+    eos = config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    return processors, torch.tensor(eos, device=model.device)
+
+
+def _common_prefix(model, processor, texts: Sequence[str]) -> list[int]:
+    """The longest token prefix all `texts` share, cut before the first image placeholder (image features
+    differ per input) and so that every input keeps at least one token of its own (its last position's
+    logits pick the first answer token)."""
+    rows = processor.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    image_id = getattr(model.config, "image_token_id", None)
+    n = min(len(r) for r in rows) - 1
+    for k in range(max(n, 0)):
+        t = rows[0][k]
+        if t == image_id or any(r[k] != t for r in rows):
+            return rows[0][:k]
+    return rows[0][:max(n, 0)]
+
+
+@torch.inference_mode()
+def _make_prefix(model, processor, texts: Sequence[str]) -> _Prefix | None:
+    ids = _common_prefix(model, processor, texts)
+    if not ids:
+        return None
+    cache = DynamicCache(config=model.config)
+    model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return _Prefix(ids, cache)
+
+
+@torch.inference_mode()
+def _generate_batch(model, processor, texts: list[str], images: list | None, max_new_tokens: int,
+                    prefix: _Prefix | None = None, select: Callable[[list[int]], None] | None = None) -> list[str]:
+    """One greedy batch through `_greedy`, or `model.generate` when the generation config needs it."""
+    setup = _greedy_setup(model)
+    if setup is None:
+        if select is not None:
+            select(list(range(len(texts))))
+        return _generate_batch_hf(model, processor, texts, images, max_new_tokens)
+    enc = _encode(processor, texts, images)
+    rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    pixel_values = enc["pixel_values"].to(model.device, model.dtype) if "pixel_values" in enc else None
+    answers = _greedy(model, rows, pixel_values, max_new_tokens, *setup, prefix=prefix, select=select)
+    return _decode(processor.tokenizer, answers)
+
+
+@torch.inference_mode()
+def _greedy(model, rows: list[list[int]], pixel_values, max_new_tokens: int, processors, eos: torch.Tensor,
+            prefix: _Prefix | None = None, select: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+    """Greedy answers (token ids, EOS included) of one batch, `model.generate`'s decode over the model's forward.
+
+    Layout: [shared prefix | left padding | the row's own tokens]. The prefix's KV cache is copied into the
+    batch rather than recomputed; explicit position ids skip the padding, so every row sees exactly its
+    unpadded sequence (the attention mask hides the padding, as in a left-padded batch). Logits are computed
+    for the last position only. A row leaves the batch, its cache rows included, when it emits EOS, so
+    later steps cost what the unfinished rows need. `select(rows)` is called with the batch-local indices of
+    the rows about to be decoded before every forward pass that changes them (per-input steering hooks)."""
+    device = model.device
+    n_prefix = len(prefix.ids) if prefix is not None else 0
+    own = [r[n_prefix:] for r in rows]
+    if prefix is not None and any(r[:n_prefix] != prefix.ids or not o for r, o in zip(rows, own)):
+        raise TuError("Internal: an input does not start with the shared prefix its call computed.")
+    B, W = len(rows), max(len(o) for o in own)
+    ids = torch.zeros((B, W), dtype=torch.long)
+    mask = torch.zeros((B, n_prefix + W), dtype=torch.long)
+    mask[:, :n_prefix] = 1
+    pos = torch.zeros((B, W), dtype=torch.long)
+    for b, o in enumerate(own):
+        ids[b, W - len(o):] = torch.tensor(o)
+        mask[b, n_prefix + W - len(o):] = 1
+        pos[b, W - len(o):] = torch.arange(n_prefix, n_prefix + len(o))
+    ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
+    cache = DynamicCache(config=model.config)
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(B)
+    if select is not None:
+        select(list(range(B)))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values,
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    active = torch.arange(B, device=device)
+    last_pos = pos[:, -1]
+    answers: list[list[int]] = [[] for _ in range(B)]
+    for step in range(max_new_tokens):
+        token = processors(None, out.logits[:, -1, :]).argmax(-1)
+        for b, t in zip(active.tolist(), token.tolist()):
+            answers[b].append(t)
+        if step == max_new_tokens - 1:
+            break
+        going = ~torch.isin(token, eos)
+        if not going.all():
+            if not going.any():
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            active, token, mask, last_pos = active[keep], token[keep], mask[keep], last_pos[keep]
+            if select is not None:
+                select(active.tolist())
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        last_pos = last_pos + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return answers
 
 
 def _run(model, processor, texts, images, batches, max_new_tokens, desc, out: list, on_batch=None,
-         before_batch=None) -> None:
+         before_batch=None, decode=_generate_batch, prefix: _Prefix | None = None) -> None:
     for batch in tqdm(batches, desc=desc, disable=not progress_enabled()):
+        select = None
         if before_batch is not None:
-            before_batch(batch)
+            def select(local, batch=batch):
+                before_batch([batch[j] for j in local])
         imgs = [images[i] for i in batch] if images[batch[0]] is not None else None
-        answers = _generate_batch(model, processor, [texts[i] for i in batch], imgs, max_new_tokens)
+        answers = decode(model, processor, [texts[i] for i in batch], imgs, max_new_tokens, prefix=prefix, select=select)
         for i, a in zip(batch, answers):
             out[i] = a
         if on_batch is not None:
             on_batch(batch, answers)
+
+
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise TuError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
 
 
 def generate(model, processor, texts: Sequence[str], images: Sequence | None = None, *, max_new_tokens: int = 48,
@@ -73,23 +218,39 @@ def generate(model, processor, texts: Sequence[str], images: Sequence | None = N
 
     `images[i]` is a PIL image for inputs that hold the image placeholder, else None; items with and without
     images are batched separately because a batch's pixel_values must match its placeholders.
-    `before_batch(indices)` is called with each batch's input indices before it is decoded (per-input steering)."""
+    `before_batch(indices)` is called with the input indices of the rows about to be decoded before each
+    batch's first forward pass, and again whenever finished rows have left the batch (per-input steering).
+    With `before_batch` the shared prompt prefix is not reused: a per-input hook may change it per input."""
+    _check_max_new_tokens(max_new_tokens)
+    images = list(images) if images is not None else [None] * len(texts)
+    out: list[str | None] = [None] * len(texts)
+    if not texts:
+        return []
+    prefix = _make_prefix(model, processor, texts) if before_batch is None else None
+    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
+         before_batch=before_batch, prefix=prefix)
+    return out  # type: ignore[return-value]
+
+
+def generate_reference(model, processor, texts: Sequence[str], images: Sequence | None = None, *,
+                       max_new_tokens: int = 48, batch_size: int = 16, desc: str = "generate (reference)") -> list[str]:
+    """The decode `generate` ran before the greedy loop: `model.generate` over the same left-padded batches.
+    Kept as the reference the fast path is measured and checked against (benchmarks/bench_generate.py)."""
     images = list(images) if images is not None else [None] * len(texts)
     out: list[str | None] = [None] * len(texts)
     _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
-         before_batch=before_batch)
+         decode=_generate_batch_hf)
     return out  # type: ignore[return-value]
 
 
 def generate_per_sample(model, processor, texts: Sequence[str], images: Sequence | None = None, *,
                         max_new_tokens: int = 48, desc: str = "generate (per sample)") -> list[str]:
-    """The loop peers' scripts run: one prompt at a time, no padding, the same greedy settings.
-
-    Kept as the reference that batched `generate` is compared against (benchmarks/bench_generate.py):
-    same outputs, several times slower."""
+    """The loop peers' scripts run: one prompt at a time through `model.generate`, no padding, the same
+    greedy settings. Kept as the reference that batched `generate` is compared against (the tests)."""
     images = list(images) if images is not None else [None] * len(texts)
     out: list[str | None] = [None] * len(texts)
-    _run(model, processor, texts, images, [[i] for i in range(len(texts))], max_new_tokens, desc, out)
+    _run(model, processor, texts, images, [[i] for i in range(len(texts))], max_new_tokens, desc, out,
+         decode=_generate_batch_hf)
     return out  # type: ignore[return-value]
 
 
@@ -221,7 +382,8 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
         sub_t, sub_i = [texts[i] for i in todo], [images[i] for i in todo]
         sub_out: list[str | None] = [None] * len(todo)
         _run(model, processor, sub_t, sub_i, _plan(sub_t, sub_i, batch_size), max_new_tokens, desc, sub_out,
-             on_batch=lambda batch, answers: append([todo[j] for j in batch], answers))
+             on_batch=lambda batch, answers: append([todo[j] for j in batch], answers),
+             prefix=_make_prefix(model, processor, sub_t))
     for j, i in enumerate(todo):
         out[i] = sub_out[j]
     return out  # type: ignore[return-value]
