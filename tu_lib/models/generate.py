@@ -60,8 +60,7 @@ def _decode(tok, rows) -> list[str]:
 
 
 @torch.inference_mode()
-def _generate_batch_hf(model, processor, texts: list[str], images: list | None, max_new_tokens: int,
-                       prefix=None, select=None) -> list[str]:
+def _generate_batch_hf(model, processor, texts: list[str], images: list | None, max_new_tokens: int) -> list[str]:
     """One left-padded greedy batch through `model.generate` (`images` is None for a text-only batch):
     the reference decode that `generate_per_sample` and `generate_reference` run."""
     enc = {k: v.to(model.device) for k, v in _encode(processor, texts, images).items()}
@@ -117,35 +116,43 @@ def _make_prefix(model, processor, texts: Sequence[str]) -> _Prefix | None:
     return _Prefix(ids, cache)
 
 
-@torch.inference_mode()
-def _generate_batch(model, processor, texts: list[str], images: list | None, max_new_tokens: int,
-                    prefix: _Prefix | None = None, select: Callable[[list[int]], None] | None = None) -> list[str]:
-    """One greedy batch through `_greedy`, or `model.generate` when the generation config needs it."""
-    setup = _greedy_setup(model)
-    if setup is None:
-        if select is not None:
-            select(list(range(len(texts))))
-        return _generate_batch_hf(model, processor, texts, images, max_new_tokens)
-    enc = _encode(processor, texts, images)
-    rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
-    pixel_values = enc["pixel_values"].to(model.device, model.dtype) if "pixel_values" in enc else None
-    answers = _greedy(model, rows, pixel_values, max_new_tokens, *setup, prefix=prefix, select=select)
-    return _decode(processor.tokenizer, answers)
+class _Rows(NamedTuple):
+    """Rows being decoded: their input indices, KV cache, attention mask over the cache, position of their
+    last token and the token to feed next. Layout of a row: [shared prefix | padding | own tokens | answer]."""
+    idx: list[int]
+    cache: DynamicCache
+    mask: torch.Tensor
+    pos: torch.Tensor
+    token: torch.Tensor
+
+    def take(self, keep: torch.Tensor) -> "_Rows":
+        self.cache.batch_select_indices(keep)
+        return _Rows([self.idx[k] for k in keep.tolist()], self.cache, self.mask[keep], self.pos[keep], self.token[keep])
+
+    def join(self, other: "_Rows") -> "_Rows":
+        """Both sets of rows in one batch: the shorter cache is left-padded with masked columns, so each row
+        still attends to exactly its own positions (positions are explicit, not column numbers)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+
+        def pad(t, dim):  # left-pad dimension `dim` to `width` with zeros
+            return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 1 - dim) + (width - t.shape[dim], 0))
+
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
+            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
+        return _Rows(self.idx + other.idx, self.cache, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
+                     torch.cat([self.pos, other.pos]), torch.cat([self.token, other.token]))
 
 
 @torch.inference_mode()
-def _greedy(model, rows: list[list[int]], pixel_values, max_new_tokens: int, processors, eos: torch.Tensor,
-            prefix: _Prefix | None = None, select: Callable[[list[int]], None] | None = None) -> list[list[int]]:
-    """Greedy answers (token ids, EOS included) of one batch, `model.generate`'s decode over the model's forward.
-
-    Layout: [shared prefix | left padding | the row's own tokens]. The prefix's KV cache is copied into the
-    batch rather than recomputed; explicit position ids skip the padding, so every row sees exactly its
-    unpadded sequence (the attention mask hides the padding, as in a left-padded batch). Logits are computed
-    for the last position only. A row leaves the batch, its cache rows included, when it emits EOS, so
-    later steps cost what the unfinished rows need. `select(rows)` is called with the batch-local indices of
-    the rows about to be decoded before every forward pass that changes them (per-input steering hooks)."""
+def _prefill(model, processor, texts: list[str], images: list | None, idx: list[int],
+             prefix: _Prefix | None) -> tuple[_Rows, torch.Tensor]:
+    """The prompts' forward pass, after the shared prefix (its cache copied, not recomputed): the new rows
+    and their last position's logits (the only ones computed)."""
     device = model.device
+    enc = _encode(processor, texts, images)
     n_prefix = len(prefix.ids) if prefix is not None else 0
+    rows = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
     own = [r[n_prefix:] for r in rows]
     if prefix is not None and any(r[:n_prefix] != prefix.ids or not o for r, o in zip(rows, own)):
         raise TuError("Internal: an input does not start with the shared prefix its call computed.")
@@ -159,48 +166,101 @@ def _greedy(model, rows: list[list[int]], pixel_values, max_new_tokens: int, pro
         mask[b, n_prefix + W - len(o):] = 1
         pos[b, W - len(o):] = torch.arange(n_prefix, n_prefix + len(o))
     ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-    cache = DynamicCache(config=model.config)
     if prefix is not None:
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(B)
-    if select is not None:
-        select(list(range(B)))
+    else:
+        cache = DynamicCache(config=model.config)
+    pixel_values = enc["pixel_values"].to(device, model.dtype) if "pixel_values" in enc else None
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-    active = torch.arange(B, device=device)
-    last_pos = pos[:, -1]
-    answers: list[list[int]] = [[] for _ in range(B)]
-    for step in range(max_new_tokens):
-        token = processors(None, out.logits[:, -1, :]).argmax(-1)
-        for b, t in zip(active.tolist(), token.tolist()):
-            answers[b].append(t)
-        if step == max_new_tokens - 1:
-            break
-        going = ~torch.isin(token, eos)
-        if not going.all():
-            if not going.any():
-                break
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            active, token, mask, last_pos = active[keep], token[keep], mask[keep], last_pos[keep]
-            if select is not None:
-                select(active.tolist())
-        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
-        last_pos = last_pos + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return answers
+    return _Rows(idx, cache, mask, pos[:, -1], ids[:, -1]), out.logits[:, -1, :]
+
+
+@torch.inference_mode()
+def _step(model, rows: _Rows) -> tuple[_Rows, torch.Tensor]:
+    """One decode forward pass of every row (its `token` fed at the next position)."""
+    mask = torch.cat([rows.mask, rows.mask.new_ones((rows.mask.shape[0], 1))], dim=1)
+    pos = rows.pos + 1
+    out = model(input_ids=rows.token[:, None], attention_mask=mask, position_ids=pos[:, None],
+                past_key_values=rows.cache, use_cache=True, logits_to_keep=1)
+    return rows._replace(mask=mask, pos=pos), out.logits[:, -1, :]
+
+
+def _admit(queue: list[int], images: Sequence, free: int) -> list[int]:
+    """The next prompts to prefill: up to `free` from the head of the queue, one modality (a forward pass's
+    pixel_values must match its placeholders)."""
+    text = images[queue[0]] is None
+    group = []
+    while queue and len(group) < free and (images[queue[0]] is None) == text:
+        group.append(queue.pop(0))
+    return group
+
+
+@torch.inference_mode()
+def _run_greedy(model, processor, texts, images, batch_size: int, max_new_tokens: int, desc: str, out: list,
+                on_batch=None, before_batch=None, prefix: _Prefix | None = None) -> None:
+    """Greedy answers of all inputs with up to `batch_size` rows decoded together (continuous batching).
+
+    A greedy loop over the model's forward with HF's DynamicCache, `model.generate`'s greedy decode without
+    its waste: logits only for the last position; a row leaves the batch, its cache rows included, when it
+    emits EOS or reaches max_new_tokens, and prompts waiting in `_plan`'s order (by modality and length)
+    are prefilled and joined to the batch once half of it is free, so decode steps keep running on a full
+    batch (matrix-matrix work) instead of on the few rows a static batch has left. Text and image rows
+    share decode steps (only the prompt's forward pass reads pixel_values). `before_batch(indices)` is
+    called with the input indices of the rows of every forward pass (per-input steering); `on_batch`
+    with the indices and answers of the rows that finished in a step. Falls back to `model.generate`
+    over `_plan`'s batches when the generation config needs a processor the loop does not run."""
+    setup = _greedy_setup(model)
+    if setup is None:
+        _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
+             on_batch=on_batch, before_batch=before_batch)
+        return
+    processors, eos = setup
+    queue = [i for batch in _plan(texts, images, batch_size) for i in batch]
+    answers: dict[int, list[int]] = {i: [] for i in queue}
+    rows: _Rows | None = None
+    with tqdm(total=len(queue), desc=desc, disable=not progress_enabled()) as bar:
+        while queue or rows is not None:
+            n = 0 if rows is None else len(rows.idx)
+            if queue and (n == 0 or batch_size - n >= max(1, batch_size // 2)):
+                group = _admit(queue, images, batch_size - n)
+                if before_batch is not None:
+                    before_batch(group)
+                imgs = [images[i] for i in group] if images[group[0]] is not None else None
+                new, logits = _prefill(model, processor, [texts[i] for i in group], imgs, group, prefix)
+            else:
+                if before_batch is not None:
+                    before_batch(rows.idx)
+                new, logits = _step(model, rows)
+                rows = None
+            token = processors(None, logits).argmax(-1)
+            done = torch.isin(token, eos)
+            for k, (i, t) in enumerate(zip(new.idx, token.tolist())):
+                answers[i].append(t)
+                done[k] |= len(answers[i]) >= max_new_tokens
+            finished = [i for i, d in zip(new.idx, done.tolist()) if d]
+            if finished:
+                texts_done = _decode(processor.tokenizer, [answers.pop(i) for i in finished])
+                for i, a in zip(finished, texts_done):
+                    out[i] = a
+                if on_batch is not None:
+                    on_batch(finished, texts_done)
+                bar.update(len(finished))
+            if not done.all():
+                new = new._replace(token=token)
+                new = new.take((~done).nonzero().squeeze(1)) if done.any() else new
+                rows = new if rows is None else rows.join(new)
 
 
 def _run(model, processor, texts, images, batches, max_new_tokens, desc, out: list, on_batch=None,
-         before_batch=None, decode=_generate_batch, prefix: _Prefix | None = None) -> None:
+         before_batch=None) -> None:
+    """`model.generate` over the given batches (the reference paths, and the fallback of `_run_greedy`)."""
     for batch in tqdm(batches, desc=desc, disable=not progress_enabled()):
-        select = None
         if before_batch is not None:
-            def select(local, batch=batch):
-                before_batch([batch[j] for j in local])
+            before_batch(batch)
         imgs = [images[i] for i in batch] if images[batch[0]] is not None else None
-        answers = decode(model, processor, [texts[i] for i in batch], imgs, max_new_tokens, prefix=prefix, select=select)
+        answers = _generate_batch_hf(model, processor, [texts[i] for i in batch], imgs, max_new_tokens)
         for i, a in zip(batch, answers):
             out[i] = a
         if on_batch is not None:
@@ -216,19 +276,18 @@ def generate(model, processor, texts: Sequence[str], images: Sequence | None = N
              batch_size: int = 16, desc: str = "generate", before_batch=None) -> list[str]:
     """Greedy continuations of fully formatted inputs (chat template applied), in input order.
 
-    `images[i]` is a PIL image for inputs that hold the image placeholder, else None; items with and without
-    images are batched separately because a batch's pixel_values must match its placeholders.
-    `before_batch(indices)` is called with the input indices of the rows about to be decoded before each
-    batch's first forward pass, and again whenever finished rows have left the batch (per-input steering).
-    With `before_batch` the shared prompt prefix is not reused: a per-input hook may change it per input."""
+    `images[i]` is a PIL image for inputs that hold the image placeholder, else None. At most `batch_size`
+    rows are decoded together (`_run_greedy`). `before_batch(indices)` is called with the input indices of
+    the rows of every forward pass, prompt and decode steps alike (per-input steering); with it, the
+    shared prompt prefix is not reused, since a per-input hook may change the prefix's states per input."""
     _check_max_new_tokens(max_new_tokens)
-    images = list(images) if images is not None else [None] * len(texts)
-    out: list[str | None] = [None] * len(texts)
     if not texts:
         return []
+    images = list(images) if images is not None else [None] * len(texts)
+    out: list[str | None] = [None] * len(texts)
     prefix = _make_prefix(model, processor, texts) if before_batch is None else None
-    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
-         before_batch=before_batch, prefix=prefix)
+    _run_greedy(model, processor, texts, images, batch_size, max_new_tokens, desc, out, before_batch=before_batch,
+                prefix=prefix)
     return out  # type: ignore[return-value]
 
 
@@ -238,8 +297,7 @@ def generate_reference(model, processor, texts: Sequence[str], images: Sequence 
     Kept as the reference the fast path is measured and checked against (benchmarks/bench_generate.py)."""
     images = list(images) if images is not None else [None] * len(texts)
     out: list[str | None] = [None] * len(texts)
-    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out,
-         decode=_generate_batch_hf)
+    _run(model, processor, texts, images, _plan(texts, images, batch_size), max_new_tokens, desc, out)
     return out  # type: ignore[return-value]
 
 
@@ -249,8 +307,7 @@ def generate_per_sample(model, processor, texts: Sequence[str], images: Sequence
     greedy settings. Kept as the reference that batched `generate` is compared against (the tests)."""
     images = list(images) if images is not None else [None] * len(texts)
     out: list[str | None] = [None] * len(texts)
-    _run(model, processor, texts, images, [[i] for i in range(len(texts))], max_new_tokens, desc, out,
-         decode=_generate_batch_hf)
+    _run(model, processor, texts, images, [[i] for i in range(len(texts))], max_new_tokens, desc, out)
     return out  # type: ignore[return-value]
 
 
@@ -381,9 +438,9 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
 
         sub_t, sub_i = [texts[i] for i in todo], [images[i] for i in todo]
         sub_out: list[str | None] = [None] * len(todo)
-        _run(model, processor, sub_t, sub_i, _plan(sub_t, sub_i, batch_size), max_new_tokens, desc, sub_out,
-             on_batch=lambda batch, answers: append([todo[j] for j in batch], answers),
-             prefix=_make_prefix(model, processor, sub_t))
+        _run_greedy(model, processor, sub_t, sub_i, batch_size, max_new_tokens, desc, sub_out,
+                    on_batch=lambda batch, answers: append([todo[j] for j in batch], answers),
+                    prefix=_make_prefix(model, processor, sub_t))
     for j, i in enumerate(todo):
         out[i] = sub_out[j]
     return out  # type: ignore[return-value]
