@@ -84,7 +84,9 @@ def _greedy_setup(model):
     per row in `model.generate`'s layout (the organism's config suppresses the image token)."""
     config = copy.deepcopy(model.generation_config)
     config.update(do_sample=False, num_beams=1)
-    processors = model._get_logits_processor(generation_config=config, device=model.device)
+    with warnings.catch_warnings():  # a probe: warnings about processors it rejects are model.generate's to give
+        warnings.simplefilter("ignore")
+        processors = model._get_logits_processor(generation_config=config, device=model.device)
     if any(not isinstance(p, SuppressTokensLogitsProcessor) for p in processors):
         return None
     eos = config.eos_token_id
