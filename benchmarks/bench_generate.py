@@ -146,19 +146,21 @@ def main(argv=None) -> dict:
     texts, images, source = inputs(vlm, args.n)
     n_text = sum(im is None for im in images)
     print(f"organism loaded in {load_s:.1f} s; {len(texts)} inputs from {source}; torch threads {torch.get_num_threads()}")
-    ceiling = gemm_ceiling(vlm)
-    print(f"float32 GEMM ceiling at the model's shapes: {ceiling:.1f} GFLOP/s")
 
     kw = dict(max_new_tokens=args.max_new_tokens)
     new_batch = args.new_batch_size or args.batch_size
     ref_s = new_s = float("inf")
+    ceiling = 0.0
     for _ in range(max(1, args.repeats)):  # alternating, so a change of load hits both paths alike
+        ceiling = max(ceiling, gemm_ceiling(vlm))  # measured beside the runs: the best of all windows counts
         reference, secs = timed(generate_reference, vlm.model, vlm.processor, texts, images,
                                 batch_size=args.batch_size, desc="today", **kw)
         ref_s = min(ref_s, secs)
         new, secs = timed(generate, vlm.model, vlm.processor, texts, images, batch_size=new_batch, desc="new", **kw)
         new_s = min(new_s, secs)
 
+    ceiling = max(ceiling, gemm_ceiling(vlm))
+    print(f"float32 GEMM ceiling at the model's shapes: {ceiling:.1f} GFLOP/s")
     p_layers, p_head = matmul_params(vlm)
     prompt_len = prompt_lengths(vlm, texts, images)
     flop = useful_flop(p_layers, p_head, prompt_len, answer_lengths(vlm, reference, args.max_new_tokens))

@@ -4,13 +4,15 @@ Peers' scripts generate one prompt at a time through `model.generate`; `generate
 decode with identical float32 outputs on the benchmark inputs, several times faster on a CPU
 (benchmarks/bench_generate.py measures it against `generate_reference`, the HF left-padded batches this
 module used before, and against the GEMM rate of the machine). The fast path is a greedy loop over the
-model's own forward with HF's DynamicCache (`_greedy`), because `model.generate` spends its time where
+model's own forward with HF's DynamicCache (`_run_greedy`), because `model.generate` spends its time where
 nothing is needed on a CPU:
 - every prompt of a call starts with the same chat-template prefix (ChatML's system turn is 24 of a text
   prompt's ~45 tokens): its KV cache is computed once per call and copied into every batch (`_Prefix`);
-- a batch decodes until its longest answer ends: rows leave the batch (and its cache) as they finish.
-`generate_jsonl` is the resumable form for long runs: outputs are appended to a JSONL file after every
-batch, so an interrupted evaluation restarts where it stopped instead of from zero."""
+- a batch decodes until its longest answer ends, on fewer and fewer rows: here rows leave the batch (and
+  its cache) as they finish and waiting prompts join it (continuous batching), so decode steps stay
+  matrix-matrix work.
+`generate_jsonl` is the resumable form for long runs: outputs are appended to a JSONL file as rows
+finish, so an interrupted evaluation restarts where it stopped instead of from zero."""
 from __future__ import annotations
 
 import copy
@@ -19,14 +21,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
 from tqdm.std import tqdm  # plain bars: tqdm.auto warns about ipywidgets on stderr in notebooks
-from transformers import DynamicCache
-from transformers.generation.logits_process import SuppressTokensLogitsProcessor
-
 from ..core.errors import TuError
+
+if TYPE_CHECKING:  # transformers is imported where it is used: `progress_enabled` users stay light
+    from transformers import DynamicCache
 
 __all__ = ["generate", "generate_per_sample", "generate_reference", "generate_jsonl", "progress_enabled",
            "weights_fingerprint"]
@@ -82,6 +84,8 @@ def _greedy_setup(model):
     when that config asks for a processor `_greedy` does not run (it then falls back to `model.generate`).
     Only token suppression is supported: it does not read the sequence so far, which `_greedy` does not keep
     per row in `model.generate`'s layout (the organism's config suppresses the image token)."""
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
     config = copy.deepcopy(model.generation_config)
     config.update(do_sample=False, num_beams=1)
     with warnings.catch_warnings():  # a probe: warnings about processors it rejects are model.generate's to give
@@ -110,6 +114,8 @@ def _common_prefix(model, processor, texts: Sequence[str]) -> list[int]:
 
 @torch.inference_mode()
 def _make_prefix(model, processor, texts: Sequence[str]) -> _Prefix | None:
+    from transformers import DynamicCache
+
     ids = _common_prefix(model, processor, texts)
     if not ids:
         return None
@@ -151,6 +157,8 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
              prefix: _Prefix | None) -> tuple[_Rows, torch.Tensor]:
     """The prompts' forward pass, after the shared prefix (its cache copied, not recomputed): the new rows
     and their last position's logits (the only ones computed)."""
+    from transformers import DynamicCache
+
     device = model.device
     enc = _encode(processor, texts, images)
     n_prefix = len(prefix.ids) if prefix is not None else 0
@@ -398,11 +406,11 @@ def _check_items(items: Sequence[dict]) -> None:
 def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathLike, *, max_new_tokens: int = 48,
                    batch_size: int = 16, desc: str = "generate", model_id: str | None = None) -> list[str]:
     """`generate`, resumable: answers are appended to the JSONL file at `path`, one row per item
-    ({"key", "answer", "input_sha256", "max_new_tokens", "model_id"}), flushed to disk after every batch.
+    ({"key", "answer", "input_sha256", "max_new_tokens", "model_id"}), flushed to disk as rows finish.
 
     `items` are dicts with a unique "key", the formatted input "text" and an optional PIL "image".
     Items whose key is already in the file are not generated again, so an interrupted run loses at
-    most the batch in flight; a row whose input hash, max_new_tokens or model_id (e.g.
+    most the rows in flight (at most `batch_size`); a row whose input hash, max_new_tokens or model_id (e.g.
     `weights_fingerprint(model)`) differs from this run is an error (stale answers must not be mixed
     with new ones: use a new path). Rows for keys not in `items` are left alone. Returns the answers
     in item order."""
