@@ -1,0 +1,142 @@
+"""The greedy loop of `generate` (shared prefix cache, continuous batching) against one prompt at a time
+through `model.generate`, on the tiny random `micro` preset. Speed is measured by benchmarks/bench_generate.py."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+
+from tu_lib.core import TuError
+from tu_lib.models import generate as G
+
+PROMPTS = ["What is shown in this image?", "Hi", "Describe the picture in one sentence, please.", "Count",
+           "Name three colours you can see and say which one covers the largest part of it.", "Why?"]
+
+
+def _images(n):
+    base = [Image.new("RGB", (150, 120), (200, 30, 30)), Image.new("RGB", (112, 112), (0, 0, 200)),
+            Image.effect_noise((120, 130), 64).convert("RGB"), Image.new("RGB", (90, 200), (0, 250, 0))]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def _inputs(micro, kind):
+    """Texts and images: text-only, image-only, or mixed (every other input has an image)."""
+    with_image = {"text": [False] * 6, "image": [True] * 6, "mixed": [i % 2 == 0 for i in range(6)]}[kind]
+    texts = [micro.chat(p, w) for p, w in zip(PROMPTS, with_image)]
+    images = [im if w else None for im, w in zip(_images(6), with_image)]
+    return texts, images
+
+
+@pytest.fixture
+def early_eos(micro):
+    """A generation config whose EOS is a token the random model emits often, so rows finish at different
+    steps (the random micro model rarely emits its real EOS): rows leave and join the batch."""
+    texts, images = _inputs(micro, "mixed")
+    answers = G.generate_per_sample(micro.model, micro.processor, texts, images, max_new_tokens=12)
+    ids = micro.processor.tokenizer([a for a in answers if a], add_special_tokens=False)["input_ids"]
+    common = max({t for row in ids for t in row}, key=lambda t: sum(row.count(t) for row in ids))
+    before = micro.model.generation_config
+    micro.model.generation_config = copy.deepcopy(before)
+    micro.model.generation_config.eos_token_id = common
+    yield
+    micro.model.generation_config = before
+
+
+def _per_sample(micro, texts, images, n):
+    return G.generate_per_sample(micro.model, micro.processor, texts, images, max_new_tokens=n)
+
+
+@pytest.mark.parametrize("kind", ["text", "image", "mixed"])
+@pytest.mark.parametrize("batch_size", [1, 2, 4, 16])
+def test_generate_equals_one_prompt_at_a_time(micro, kind, batch_size):
+    texts, images = _inputs(micro, kind)
+    assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=9, batch_size=batch_size) == \
+        _per_sample(micro, texts, images, 9)
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 16])
+def test_rows_finishing_at_different_steps(micro, early_eos, batch_size):
+    texts, images = _inputs(micro, "mixed")
+    reference = _per_sample(micro, texts, images, 12)
+    lengths = {len(micro.processor.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in reference}
+    assert len(lengths) > 1, "the fixture should make rows end at different steps"
+    assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=12, batch_size=batch_size) == reference
+    assert G.generate_reference(micro.model, micro.processor, texts, images, max_new_tokens=12,
+                                batch_size=batch_size) == reference
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_few_new_tokens(micro, n):
+    texts, images = _inputs(micro, "mixed")
+    assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=n, batch_size=4) == \
+        _per_sample(micro, texts, images, n)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_max_new_tokens_is_refused(micro, bad):
+    with pytest.raises(TuError, match="max_new_tokens"):
+        G.generate(micro.model, micro.processor, ["x"], max_new_tokens=bad)
+
+
+def test_no_inputs(micro):
+    assert G.generate(micro.model, micro.processor, [], max_new_tokens=4) == []
+
+
+def test_shared_prefix_is_the_chat_head_and_stops_before_the_image(micro):
+    texts, _ = _inputs(micro, "mixed")
+    prefix = G._common_prefix(micro.model, micro.processor, texts)
+    full = micro.processor.tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    assert 0 < len(prefix) < len(full) and full[:len(prefix)] == prefix
+    assert micro.model.config.image_token_id not in prefix
+    one = G._common_prefix(micro.model, micro.processor, [texts[1]])  # one input keeps its last token
+    assert one == full[:-1]
+
+
+def test_before_batch_sees_the_rows_of_every_forward_pass(micro, early_eos):
+    """Per-input steering needs each forward pass's rows: the hook is called before every pass (prompt and
+    decode steps) with exactly the input indices of that pass's batch rows, in order."""
+    texts, images = _inputs(micro, "mixed")
+    calls, sizes = [], []
+    layer = micro.decoder_layers()[0]
+    handle = layer.register_forward_hook(lambda m, a, out: sizes.append((out[0] if isinstance(out, tuple) else out).shape[0]))
+    try:
+        answers = G.generate(micro.model, micro.processor, texts, images, max_new_tokens=12, batch_size=3,
+                             before_batch=lambda rows: calls.append(list(rows)))
+    finally:
+        handle.remove()
+    assert [len(c) for c in calls] == sizes
+    assert {i for c in calls for i in c} == set(range(len(texts)))
+    assert all(len(c) <= 3 for c in calls)
+    assert answers == _per_sample(micro, texts, images, 12)
+
+
+def test_generation_config_the_loop_does_not_run_falls_back(micro):
+    """A processor that reads the sequence (here a repetition penalty) sends decoding to `model.generate`."""
+    texts, images = _inputs(micro, "mixed")
+    before = micro.model.generation_config
+    micro.model.generation_config = copy.deepcopy(before)
+    micro.model.generation_config.repetition_penalty = 1.5
+    try:
+        assert G._greedy_setup(micro.model) is None
+        assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=6, batch_size=4) == \
+            _per_sample(micro, texts, images, 6)
+    finally:
+        micro.model.generation_config = before
+    assert G._greedy_setup(micro.model) is not None
+
+
+def test_dataset_level_hook_applies_to_the_shared_prefix(micro):
+    """A hook active during `generate` also shapes the prefix cache (computed inside the call): the same
+    answers as one prompt at a time under the same hook."""
+    texts, images = _inputs(micro, "mixed")
+    layer = micro.decoder_layers()[1]
+    vec = torch.randn(micro.base_model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0)) * 5
+    handle = layer.register_forward_hook(lambda m, a, out: out - vec, prepend=True)
+    try:
+        steered = G.generate(micro.model, micro.processor, texts, images, max_new_tokens=8, batch_size=4)
+        assert steered == _per_sample(micro, texts, images, 8)
+    finally:
+        handle.remove()
+    assert steered != G.generate(micro.model, micro.processor, texts, images, max_new_tokens=8, batch_size=4)
