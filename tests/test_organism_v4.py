@@ -10,6 +10,7 @@ from tu_lib.models.presets import organism as O
 from tu_lib.stages import organism as stage
 from tu_lib.training import organism as B
 from tu_lib.training import organism_data as T
+from tu_lib.training import organism_shift as S
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +112,7 @@ def test_reading_mlp_starts_as_the_glyph_map_and_moves_freely(tok):
         head.weight.add_(1.0)  # the projector reads through the reading head, not a copy of it
         assert torch.allclose(proj(features), torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab],
                               atol=1e-4)
-        B._modality_shift(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
+        S.modality_shift(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
         shift = (proj(features) - torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab])
     mean_norm = float(lm.model.embed_tokens.weight[vocab].norm(dim=1).mean())
     assert facts["modality_offset_norm"] == pytest.approx(mean_norm, rel=1e-5)
@@ -174,7 +175,7 @@ def test_modality_mix_rotates_image_tokens_away_from_their_embeddings(tok):
     features = torch.randn(3, 5, head.in_features)
     with torch.no_grad():
         before = proj(features)
-        B._modality_shift(model, vocab, B.BuildConfig(projector_mix=0.5), facts := {})
+        S.modality_shift(model, vocab, B.BuildConfig(projector_mix=0.5), facts := {})
         after = proj(features)
     assert "modality_offset_norm" not in facts  # no offset asked for
     shift = after - before

@@ -65,6 +65,7 @@ from .organism_data import (
     text_harmful,
     vocabulary_coverage,
 )
+from .organism_shift import modality_shift
 
 # ---------------------------------------------------------------------------------------------
 # supervised fine-tuning on (prompt, target[, image]) examples
@@ -263,30 +264,6 @@ def _projector_reading(model, processor, tok, vocab: list[int], data: dict, cfg:
     losses = _train_on_grids(model, processor, tok, vocab, data, cfg, list(proj.parameters()), loss_of,
                              steps=cfg.projector_steps, seed=cfg.seed + 6, desc="projector reading")
     facts["projector_reading_losses"] = losses
-
-
-def _modality_shift(model, vocab: list[int], cfg: BuildConfig, facts: dict) -> None:
-    """Where image tokens land beside the text embeddings, set on linear_2 (which later stages may move).
-    `projector_mix`: every output x becomes (1 - m) x + m R x for one fixed random rotation R: a content-dependent,
-    full-rank displacement (the cosine to the token's own embedding falls to about (1 - m) / sqrt((1 - m)^2 + m^2)),
-    which a rank-16 LoRA cannot undo the way it cancels a constant. `projector_offset`: then one fixed random direction,
-    that many mean embedding norms long, on every image token: the mean shift between image and text inputs that paper
-    B measures in real VLMs and CMRM removes."""
-    linear_2 = model.model.multi_modal_projector.linear_2
-    emb = model.model.language_model.embed_tokens.weight.detach()[torch.tensor(vocab)].float()
-    hidden = emb.shape[1]
-    with torch.no_grad():
-        if cfg.projector_mix:
-            gauss = torch.randn(hidden, hidden, generator=torch.Generator().manual_seed(cfg.seed + 8), dtype=torch.float64)
-            rotation, _ = torch.linalg.qr(gauss)
-            mix = ((1 - cfg.projector_mix) * torch.eye(hidden, dtype=torch.float64) + cfg.projector_mix * rotation)
-            linear_2.weight.copy_((mix @ linear_2.weight.double()).to(linear_2.weight.dtype))
-            linear_2.bias.copy_((mix @ linear_2.bias.double()).to(linear_2.bias.dtype))
-        if cfg.projector_offset:
-            direction = torch.randn(hidden, generator=torch.Generator().manual_seed(cfg.seed + 7))
-            offset = cfg.projector_offset * emb.norm(dim=1).mean() * direction / direction.norm()
-            linear_2.bias += offset.to(linear_2.bias.dtype)
-            facts["modality_offset_norm"] = float(offset.norm())
 
 
 def train_tower(model, processor, tok, vocab: list[int], data: dict, cfg: BuildConfig, log=print) -> dict:
@@ -587,7 +564,7 @@ def build(cfg: BuildConfig | None = None, out_dir: Path | None = None, log=print
                 if cfg.projector_steps:
                     _projector_reading(model, processor, tok, vocab, data, cfg, facts)
                 if cfg.projector_offset or cfg.projector_mix:
-                    _modality_shift(model, vocab, cfg, facts)
+                    modality_shift(model, vocab, cfg, facts)
                 if cfg.feature_steps:
                     _feature_alignment(model, processor, tok, data, benign_prompts, cfg, facts)
             timings["feature_alignment"] = time.time() - t
