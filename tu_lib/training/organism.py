@@ -156,7 +156,7 @@ class BuildConfig:
     feature_train_tower: bool = False  # stage 1 trains the tower with the projector (else the projector alone)
     projector_steps: int = 0  # stage 1a: the MLP learns to output what the LM's embeddings read (LM out of the loop)
     projector_offset: float = 0.0  # then a fixed random offset of this many mean embedding norms on every image token
-    projector_mix: float = 0.0  # and, before it, a fixed random rotation mixed in at this weight (_modality_shift)
+    projector_mix: float = 0.0  # and, before it, a fixed random rotation mixed in at this weight (organism_shift)
     projector_fit: str = "dot"  # stage 1a's target: "dot" (dot products with the embeddings pick the token) or
     # "embedding" (the token's embedding itself, by mean squared error: the MLP starts on the embedding manifold)
     stage2_images: int = 4  # mlp: benign image examples per visual-tuning step
@@ -480,8 +480,8 @@ ALIGN_FIELDS = DATA_FIELDS + ("align_epochs", "align_benign_repeat", "align_batc
                               "lora_first_layer", "align_pages", "precision")
 TOWER_FIELDS = DATA_FIELDS + ("precision", "tower_steps", "tower_batch", "tower_lr")  # the LM is out of the tower's loop
 FEATURE_FIELDS = ALIGN_FIELDS + TOWER_FIELDS[len(DATA_FIELDS):] + (
-    "projector", "projector_steps", "projector_offset", "projector_mix", "projector_fit", "feature_steps", "feature_batch", "feature_lr",
-    "feature_train_tower")
+    "projector", "projector_steps", "projector_offset", "projector_mix", "projector_fit", "feature_steps", "feature_batch",
+    "feature_lr", "feature_train_tower")
 
 
 def _reusable(cfg: BuildConfig, reuse: Path | None, fields: tuple) -> bool:
