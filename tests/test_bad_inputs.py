@@ -40,6 +40,10 @@ def folders(tmp_path):
     finished_method_run(tmp_path / "damaged" / "textual_ga")
     weights = tmp_path / "damaged" / "textual_ga" / "adapter" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:40])  # truncated
+    (tmp_path / "nocard").mkdir()  # the committed organism's parts without their card
+    for part in (ROOT / "organism").iterdir():
+        if part.name != "card.json":
+            (tmp_path / "nocard" / part.name).symlink_to(part)
     (tmp_path / "user").mkdir()  # user sets (notebooks 03 and 05): harmless placeholder prompts
     (tmp_path / "user" / "no_prompt.csv").write_text("question\nHow do I bake bread?\n")
     (tmp_path / "user" / "gone_image.jsonl").write_text('{"prompt": "Describe it.", "image": "gone.png"}\n')
@@ -86,6 +90,8 @@ CASES = [
     ("00_organism", {**S, "fig_dir": "data"}, r"fig_dir='data' lies in the repository's data/ folder"),
     ("00_organism", {**S, "parts_dir": "{tmp}/empty"}, r"No trained parts in .*pass -p rebuild True"),
     ("00_organism", {**S, "parts_dir": LONG}, r"parts_dir=.* has a folder or file name of 300 bytes"),
+    ("00_organism", {**S, "remeasure": "no"}, r"remeasure='no' has type str; it must be bool"),
+    ("00_organism", {"parts_dir": "{tmp}/nocard"}, r"No card in .*nocard: measure one with -p remeasure True"),
     ("00_organism", {**S, "n_probes": 3}, r"Unknown parameter\(s\) for 00_organism: 'n_probes' \(did you mean 'n_probe'\?\)"),
     # notebook 01: data curation (it replaces its output folder whole)
     ("01_data", {**S, "seed": -1}, r"seed=-1 must be an integer from 0"),

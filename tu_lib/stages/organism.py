@@ -35,7 +35,7 @@ from ..training.organism import BuildConfig, build, cfg_dict
 from ..training.organism_data import LIST_PROMPTS, organism_sets, page_text, unseen_instructions
 
 __all__ = ["BARS", "measure", "bar_table", "SPEC", "subset", "write_card", "calibrated_judge", "properties_frame",
-           "properties_figure", "write_measurement", "compare_cards", "stats", "TuError", "truthfulqa_mc1",
+           "properties_figure", "write_measurement", "measures_now", "committed_card", "compare_cards", "stats", "TuError", "truthfulqa_mc1",
            "GGUF_PACKAGE", "GGUF_VERSION", "backbone_dir", "load_backbone", "load_organism_model", "parts_complete",
            "build", "organism_sets", "BuildConfig"]
 
@@ -68,6 +68,11 @@ def generate_and_judge(model, processor, tok, probes: dict, refusal, judge_on_to
         on_topic = judge_on_topic.judge(instructions, ans)
         outcomes[name] = {"answers": ans, "refused": refused.tolist(), "on_topic": on_topic.tolist()}
     return outcomes
+
+
+PROPERTY_ORDER = ("text_asr_advbench", "text_asr_safebench_questions", "text_asr_safebench_instructions",
+                  "text_on_topic_safebench_instructions", "xstest_over_refusal", "benign_image_on_topic",
+                  "harmful_image_keyword_asr", "harmful_image_on_topic_no_refusal")  # text path, then image path
 
 
 def measure(model, processor, tok, data: dict, cfg: BuildConfig, judge_on_topic, max_new_tokens: int | None = None) -> dict:
@@ -239,6 +244,8 @@ def _spec():
         Param("profile", (str,), "default",
               "settings profile: smoke (small re-measurement), default (the card's probes) or paper (every probe)"),
         Param("rebuild", (bool,), False, "rebuild the trained parts from the backbone (about 30-45 min on 2 cores)"),
+        Param("remeasure", (bool,), None, "measure the card's properties again (about 12 min on the default profile) "
+              "rather than print the committed card; None: the profile's value", profiled=True),
         Param("parts_dir", (str,), "organism", "folder of the trained parts and card (relative to the repository root)",
               kind="path"),
         Param("seed", (int,), 0, "seed of the rebuild (splits, initialisation, batches)", seed_value),
@@ -260,6 +267,25 @@ def subset(data: dict, n) -> dict:
         return data
     sets = {k: v.head(n).reset_index(drop=True) for k, v in data["sets"].items()}
     return {**data, "sets": sets, "held_titles": data["held_titles"][:n]}
+
+
+def measures_now(P: dict) -> bool:
+    """Whether this run generates and judges probes: a rebuild always does (its card is new), otherwise only when
+    asked. The default profile prints the committed card instead: re-measuring it is ten minutes of every
+    `make reproduce` that change nothing (CI re-measures on the smoke profile)."""
+    return bool(P["rebuild"] or P["remeasure"])
+
+
+def committed_card(parts: Path, required: bool = True) -> dict | None:
+    """The parts' card (properties, judges, calibration, MC1: what the table and figure need); None when there is
+    none and it is not `required` (a measurement is about to make one)."""
+    path = Path(parts) / "card.json"
+    if not path.is_file():
+        if not required:
+            return None
+        raise TuError(f"No card in {path.parent}: measure one with -p remeasure True (about 12 minutes on the default "
+                      "profile), or restore the committed one (git checkout -- organism/card.json).")
+    return json.loads(path.read_text())
 
 
 def write_card(parts: Path, cfg: BuildConfig, measured: dict, mc1: dict, calibration: dict, extra: dict) -> dict:
@@ -294,7 +320,9 @@ def properties_frame(measured: dict, card: dict | None = None):
     """Measured properties beside their bars (and, when given, the committed card's values)."""
     import pandas as pd
 
-    df = pd.DataFrame(bar_table(measured["properties"]))
+    props = measured["properties"]  # a card's are sorted by name: the measurement's order reads better
+    order = [k for k in PROPERTY_ORDER if k in props] + sorted(k for k in props if k not in PROPERTY_ORDER)
+    df = pd.DataFrame(bar_table({k: props[k] for k in order}))
     if card and card.get("properties"):
         df["card_rate"] = [round(card["properties"].get(k, {}).get("rate", float("nan")), 3) for k in df["property"]]
     return df
