@@ -1,8 +1,9 @@
 """Evaluation pieces shared by stages 03 and 05: the stages' inputs, the items of every set, generation
-and judging, metric rows and tables, and V3's adversarial images.
+and judging, metric rows and tables, two models compared on the same items (A/B), and V3's adversarial images.
 """
 from __future__ import annotations
 
+from .ab import ab_table, format_ab, vs_base
 from .adversarial import cached_images, optimise_images, projected_features, vision_fingerprint
 from .inputs import input_files, input_hashes
 from .items import build_items, reading_rows

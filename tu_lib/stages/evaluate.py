@@ -16,9 +16,14 @@ Attack sets: T1 AdvBench, T2 HarmBench, T3 jailbreak templates (text); V1 FigSte
 typography, V3 adversarial images optimised here against the model's vision path (vision-text). Plus XSTest
 over-refusal, TruthfulQA MC1 (log-likelihood) and benign reading (organism: held-out benign titles shown as
 images, answered on topic).
+
+Two models on the same items (evaluation.ab): `ab_table` gives per set and metric both rates and the paired bootstrap
+95% CI of their difference, `vs_base` every method against base; from the shell,
+`python -m tu_lib.stages.evaluate ab textual_ga base [--judgements runs/03_eval/judgements.csv] [--seed 0]`.
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +31,14 @@ import pandas as pd
 
 from .. import models
 from ..core import params
-from ..core.errors import ParameterError
+from ..core.errors import ParameterError, TuError
 from ..core.files import claim_output_dir, verified_path, write_csv, write_json
 from ..core.params import Param, Spec, dtype_value, non_negative, positive, positive_size, resolve_path, seed_value
 from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
 from ..data.sets import EVAL_SETS, eval_set
+from ..evaluation.ab import ab_table, format_ab, judgements_frame, vs_base
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
 from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
@@ -43,7 +49,7 @@ from ..methods.registry import METHODS
 
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
            "build_items", "Judges", "generate_method", "judge_agreement", "mc1_for", "metric_rows", "paper_table",
-           "keyword_agreement"]
+           "keyword_agreement", "ab_table", "format_ab", "vs_base", "main"]
 
 
 NOTEBOOK = "03_eval"
@@ -140,8 +146,39 @@ def reference_numbers() -> pd.DataFrame:
 def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts: dict, started: float, provenance: dict) -> None:
     claim_output_dir(out, NOTEBOOK)
     write_csv(results, out / "results.csv")
-    write_csv(pd.concat([df.assign(method=m) for m, df in judged.items()]), out / "judgements.csv")
+    write_csv(judgements_frame(judged), out / "judgements.csv")
     write_json(out / "facts.json", facts)
     write_json(out / "run_record.json", run_record(P, input_hashes(P), started,
                                                    seeds={"v3": P["seed"], "bootstrap": P["seed"]},
                                                    judges=provenance))
+
+
+def main(argv: list[str]) -> None:
+    """`python -m tu_lib.stages.evaluate ab A B [--judgements PATH] [--seed N]`: two models' judgements compared on
+    the same items (ab_table), printed."""
+    if not argv or argv[0] != "ab":
+        raise SystemExit("usage: python -m tu_lib.stages.evaluate ab A B [--judgements runs/03_eval/judgements.csv] "
+                         "[--seed 0]")
+    parser = argparse.ArgumentParser(prog="python -m tu_lib.stages.evaluate ab",
+                                     description="Two models on the same items: per set and metric both rates and the "
+                                                 "paired bootstrap 95% CI of A - B (* where it excludes 0).")
+    parser.add_argument("a", help="model A: a method in the judgements file (e.g. textual_ga), or PATH:METHOD for "
+                                  "another stage-03 run's judgements.csv")
+    parser.add_argument("b", help="model B, named the same way (e.g. base)")
+    parser.add_argument("--judgements", help="the judgements.csv plain method names are read from (default: the "
+                                             "default profile's, runs/03_eval/judgements.csv)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    args = parser.parse_args(argv[1:])
+    if args.seed < 0:
+        raise SystemExit("error: --seed must be >= 0")
+    try:
+        table = ab_table(args.a, args.b, args.judgements, seed=args.seed)
+    except TuError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(format_ab(table, args.a, args.b))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
