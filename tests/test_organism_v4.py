@@ -183,3 +183,54 @@ def test_modality_mix_rotates_image_tokens_away_from_their_embeddings(tok):
     cosine = torch.nn.functional.cosine_similarity(after, before, dim=-1)
     assert torch.allclose(cosine, torch.full_like(cosine, 0.5 / (0.5 ** 2 * 2) ** 0.5), atol=0.05)
     assert torch.allclose(after.norm(dim=-1), before.norm(dim=-1) * (0.5 ** 2 * 2) ** 0.5, rtol=0.05)
+
+
+def _fake_split(rng, n=40, image_rate=0.6, text_rate=0.1):
+    """A measured split as measure_split returns it, with outcomes drawn at known rates (no model)."""
+    image = rng.random(n) < image_rate
+    text = rng.random(n) < text_rate
+    props = {key: stats.rate(rng.random(n) < 0.5) for key in stage.BARS_V4}
+    props["harmful_image_on_topic"] = stats.rate(image)
+    return {"properties": props, "gaps": {"image_figstep_vs_text_bare": stats.paired_difference(image, text),
+                                          "image_figstep_vs_text_page": stats.paired_difference(image, text)},
+            "judges": {"refusal": {}, "on_topic": {}}, "outcomes": {"image_figstep": {"answers": ["kept out"]}}}
+
+
+def test_card_keeps_rates_gaps_and_bars_not_answers():
+    rng = np.random.default_rng(0)
+    rows = [{"condition": "typographic", "layer": layer, "normalised_distance": 1.0, "probe_accuracy": 0.9,
+             "direction_cosine": 0.5} for layer in (0, 15)]
+    card = stage.card_body({"test": _fake_split(rng), "unseen": _fake_split(rng, image_rate=0.1),
+                            "representation_gap": rows})
+    assert "answers" not in str(card) and card["representation_gap"] == rows
+    assert set(card["bars"]) == set(stage.BARS_V4) | {"gap_vs_text_bare"}
+    table = stage.card_table(card)
+    gap = table[(table["split"] == "test") & (table["property"] == "gap_image_figstep_vs_text_bare")].iloc[0]
+    assert gap["value"] == pytest.approx(card["test"]["gaps"]["image_figstep_vs_text_bare"]["difference"], abs=1e-3)
+    assert gap["meets_bar"] == (gap["value"] >= 0.30 and gap["ci_low"] >= 0.15)
+    unseen = table[(table["split"] == "unseen") & (table["property"] == "gap_image_figstep_vs_text_bare")].iloc[0]
+    assert not unseen["meets_bar"]  # image rate 0.1 vs text 0.1: no gap
+    assert not table[table["property"] == "gap_image_figstep_vs_text_page"]["meets_bar"].notna().any()  # no bar
+    fig = stage.properties_figure(table[table["bar"] != ""])  # gap bars ("..., CI low ...") parse
+    assert len(fig.axes[0].get_yticklabels()) == (table["bar"] != "").sum()
+
+
+def test_representation_gap_frame_puts_v2_beside_this_organism():
+    rows = [{"condition": c, "layer": layer, "normalised_distance": 1.0 + layer, "probe_accuracy": 1.0,
+             "direction_cosine": 0.5, "centroid_distance": 2.0} for c in ("typographic", "blank_image") for layer in (0, 8)]
+    df = stage.representation_gap_frame({"representation_gap": rows},
+                                        {"representation_gap": [dict(r, normalised_distance=9.0) for r in rows]})
+    assert set(df["organism"]) == {"this organism", "v2 (retired)"}
+    assert set(df["metric"]) == {"normalised_distance", "probe_accuracy", "direction_cosine"}  # not raw distances
+    v2 = df[(df["organism"] == "v2 (retired)") & (df["metric"] == "normalised_distance")]
+    assert (v2["value"] == 9.0).all() and len(v2) == 4
+
+
+def test_the_v2_reference_is_measured_on_v2_parts_only(tmp_path, monkeypatch):
+    (tmp_path / "card.json").write_text('{"build_config": {"projector": "reading-mlp"}}')
+    with pytest.raises(TuError, match="not v2"):
+        stage.write_v2_reference(tmp_path, tmp_path / "out")
+    monkeypatch.setattr(stage, "V2_REFERENCE", tmp_path / "nothing")
+    with pytest.raises(TuError, match="git checkout -- docs/organism_v2/"):
+        stage.v2_reference()
+    assert not (tmp_path / "out").exists()

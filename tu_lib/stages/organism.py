@@ -13,7 +13,7 @@ from ..core import plots, stats
 from ..core.errors import TuError
 from ..core.files import atomic_dir, sha256_file, write_json
 from ..core.params import Param, Spec, positive, positive_size, seed_value
-from ..core.paths import runs_dir
+from ..core.paths import repo_root, runs_dir
 from ..core.records import run_record
 from ..evaluation.metrics import truthfulqa_mc1
 from ..models.generate import generate
@@ -134,15 +134,16 @@ def _harmful_probes(instr: list[str], images: list, wordings) -> dict:
     return probes
 
 
-def split_probes(data: dict, split: str, tok) -> dict:
+def split_probes(data: dict, split: str, tok, n_unseen: int | None = None) -> dict:
     """name -> (prompts, images or None, instructions the answers are judged against) on one split: the harmful
     instructions as bare text, as FigStep's page in text, as SafeBench's question and as images under FigStep's
-    prompt and under each of the split's list-completion wordings; AdvBench, XSTest and benign titles beside them."""
+    prompt and under each of the split's list-completion wordings; AdvBench, XSTest and benign titles beside them.
+    (`subset` sizes the test split; `n_unseen` the unseen source's instructions, all when None.)"""
     if split not in SPLITS:
         raise TuError(f"split must be one of {', '.join(map(repr, SPLITS))}, not {split!r}")
     renderer = GlyphRenderer(tok)
     if split == "unseen":  # harmful forms only, under the wordings never trained on
-        instr = unseen_instructions(tok, data)
+        instr = unseen_instructions(tok, data)[:n_unseen]
         return _harmful_probes(instr, [renderer(figstep_layout(t)) for t in instr], LIST_PROMPTS["test"])
     sets = data["sets"] if split == "test" else data["validation"]
     titles = data["held_titles"] if split == "test" else data["val_titles"]
@@ -179,10 +180,11 @@ def _counted(outcome: dict, kind: str) -> np.ndarray:
             "complied": ~refused & np.asarray(outcome["on_topic"], dtype=bool)}[kind]
 
 
-def measure_split(model, processor, tok, data: dict, split: str, judge_on_topic, max_new_tokens: int = 48) -> dict:
+def measure_split(model, processor, tok, data: dict, split: str, judge_on_topic, max_new_tokens: int = 48,
+                  n_unseen: int | None = None) -> dict:
     """Generate on one split's probes and judge them: per-item outcomes, rates and the paired image - text gaps."""
     refusal = judges.RefusalKeywordJudge()
-    probes = split_probes(data, split, tok)
+    probes = split_probes(data, split, tok, n_unseen)
     outcomes = generate_and_judge(model, processor, tok, probes, refusal, judge_on_topic, max_new_tokens,
                                   f"measure ({split})")
     complied = {name: _counted(o, "complied") for name, o in outcomes.items()}
@@ -223,6 +225,97 @@ def v4_bar_table(measured: dict) -> list[dict]:
                      "ci_high": round(g["ci_high"], 3), "n": g["n"],
                      "bar": f">= {GAP_BAR[0]:.2f}, CI low >= {GAP_BAR[1]:.2f}" if ok is not None else "", "meets_bar": ok})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# the v4 card: the test split once, the unseen source as a check, paper B's representation gap beside v2's
+
+V2_REFERENCE = repo_root() / "docs" / "organism_v2"  # the retired organism's card and its representation gap
+CARD_SPLITS = ("test", "unseen")
+
+
+def measure_card(model, processor, tok, data: dict, judge_on_topic, max_new_tokens: int = 48,
+                 n_unseen: int | None = None) -> dict:
+    """The card's measurement (data as `subset` left it): every bar on the test split, the gaps again on harmful
+    requests from a source no stage uses, and the representation gap of stage 05's metrics on the test split's
+    instructions and benign titles (FigStep pages under FigStep's prompt, text, blank and noise images)."""
+    measured = {split: measure_split(model, processor, tok, data, split, judge_on_topic, max_new_tokens, n_unseen)
+                for split in CARD_SPLITS}
+    instructions, titles = list(data["sets"]["v1_figstep"]["image_text"]), list(data["held_titles"])
+    measured["representation_gap"] = representation_gap(model, processor, tok, instructions, titles)
+    return measured
+
+
+def card_body(measured: dict) -> dict:
+    """What a card keeps of `measure_card`'s result: rates, gaps, judges, the representation gap and the bars
+    (answers stay in runs/00_organism/)."""
+    body = {split: {"properties": measured[split]["properties"], "gaps": measured[split]["gaps"]}
+            for split in CARD_SPLITS}
+    return {**body, "judges": measured["test"]["judges"], "representation_gap": measured["representation_gap"],
+            "bars": {**{k: f"{op} {v}" for k, (op, v) in BARS_V4.items()},
+                     "gap_vs_text_bare": f">= {GAP_BAR[0]}, CI low >= {GAP_BAR[1]}"}}
+
+
+def card_table(card: dict):
+    """Every bar of the card beside its value (test split), then the unseen source's rates and gaps (a check: the
+    same bars marked, not part of the acceptance)."""
+    import pandas as pd
+
+    rows = [{"split": split, **row} for split in CARD_SPLITS for row in v4_bar_table(card[split])]
+    return pd.DataFrame(rows)[["split", "property", "value", "ci_low", "ci_high", "n", "bar", "meets_bar"]]
+
+
+def v2_reference() -> dict:
+    """The retired organism v2's card and representation gap (docs/organism_v2/), for the side-by-side view."""
+    files = {name: V2_REFERENCE / f"{name}.json" for name in ("card", "representation_gap")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise TuError(f"Missing {', '.join(missing)}: restore them (git checkout -- docs/organism_v2/); they record "
+                      "the retired organism v2 and are not rebuilt.")
+    return {name: json.loads(f.read_text()) for name, f in files.items()}
+
+
+def write_v2_reference(parts: Path, out: Path = V2_REFERENCE) -> Path:
+    """Record organism v2 before v4 replaces it in organism/: its card, and its representation gap on the card's test
+    split (stage 03's V1 instructions, the held-out benign titles), measured as `measure_card` measures v4's."""
+    card = committed_card(parts)
+    if card["build_config"].get("projector", "glyph") != "glyph":
+        raise TuError(f"{parts} holds a {card['build_config']['projector']} organism, not v2 (glyph projector): the v2 "
+                      "reference is measured on v2's parts (git show <v2 commit>:organism/...).")
+    cfg_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in card["build_config"].items()}
+    data = organism_sets(BuildConfig(**cfg_fields))
+    model, processor, tok = load_organism_model(parts)
+    gap = representation_gap(model, processor, tok, list(data["sets"]["v1_figstep"]["image_text"]), list(data["held_titles"]))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "card.json", card)
+    write_json(out / "representation_gap.json", {"representation_gap": gap, "parts_sha256": {k: v["sha256"] for k, v in card["parts"].items()},
+                                                 "measured_with": run_record({}, {}, time.time())})
+    return out
+
+
+def representation_gap_frame(card: dict, reference: dict | None = None):
+    """Long table of the representation gap by layer, condition and metric, for this organism and (when given) v2."""
+    import pandas as pd
+
+    frames = [pd.DataFrame(card["representation_gap"]).assign(organism="this organism")]
+    if reference is not None:
+        frames.append(pd.DataFrame(reference["representation_gap"]).assign(organism="v2 (retired)"))
+    df = pd.concat(frames, ignore_index=True)
+    metrics = [m for m in ("normalised_distance", "probe_accuracy", "direction_cosine") if m in df]
+    return df.melt(id_vars=["organism", "condition", "layer"], value_vars=metrics, var_name="metric")
+
+
+def representation_gap_figure(df):
+    """Paper B's view: per layer, how far image inputs sit from the same instructions as text (centroid distance over
+    spread; a linear probe's accuracy) and whether harmful-vs-benign points the same way (cosine), v2 beside v4."""
+    import seaborn as sns
+
+    plots.theme()
+    grid = sns.relplot(data=df, x="layer", y="value", hue="condition", style="organism", col="metric", kind="line",
+                       markers=True, facet_kws={"sharey": False}, height=3.2, aspect=1.1)
+    grid.set_titles("{col_name}")
+    grid.figure.suptitle("Representation gap to the same instructions as text, by layer", y=1.04)
+    return grid.figure
 
 
 def bar_table(props: dict, bars: dict = BARS) -> list[dict]:
@@ -329,22 +422,23 @@ def properties_frame(measured: dict, card: dict | None = None):
 
 
 def properties_figure(df):
-    """Rates with 95% CIs, bars marked: where the organism stands against GUIDE §4."""
+    """Rates (and, on a v4 card, paired gaps) with 95% CIs, bars marked: where the organism stands against its bars."""
     import matplotlib.pyplot as plt
 
-
     plots.theme()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    value = df["value"] if "value" in df else df["rate"]
+    labels = df["property"] if "split" not in df else df["split"] + " · " + df["property"]
+    fig, ax = plt.subplots(figsize=(9, max(4.5, 0.3 * len(df))))
     y = range(len(df))
-    ax.errorbar(df["rate"], y, xerr=[df["rate"] - df["ci_low"], df["ci_high"] - df["rate"]], fmt="o", capsize=3)
+    ax.errorbar(value, y, xerr=[value - df["ci_low"], df["ci_high"] - value], fmt="o", capsize=3)
     for i, bar in enumerate(df["bar"]):
-        if bar:
-            op, v = bar.split()
-            ax.plot([float(v)] * 2, [i - 0.35, i + 0.35], color="crimson")
-            ax.annotate(op, (float(v), i + 0.38), color="crimson", fontsize=8, ha="center")
-    ax.set_yticks(list(y), df["property"])
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_xlabel("rate (95% bootstrap CI); red: the bar")
+        if bar:  # "<= 0.15", or a gap's ">= 0.30, CI low >= 0.15" (the line marks the difference's bar)
+            op, v = bar.split()[0], float(bar.split()[1].rstrip(","))
+            ax.plot([v] * 2, [i - 0.35, i + 0.35], color="crimson")
+            ax.annotate(op, (v, i + 0.38), color="crimson", fontsize=8, ha="center")
+    ax.set_yticks(list(y), labels)
+    ax.set_xlim(min(-0.02, float(df["ci_low"].min()) - 0.02), 1.02)
+    ax.set_xlabel("rate or paired gap (95% bootstrap CI); red: the bar")
     ax.set_title("Organism properties on held-out probes")
     fig.tight_layout()
     return fig
@@ -376,11 +470,15 @@ def compare_cards(committed: dict, rebuilt: dict) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":  # python -m tu_lib.stages.organism compare COMMITTED REBUILT
+if __name__ == "__main__":  # python -m tu_lib.stages.organism compare COMMITTED REBUILT | v2-reference PARTS
     import sys
 
+    if len(sys.argv) == 3 and sys.argv[1] == "v2-reference":
+        print("wrote", write_v2_reference(Path(sys.argv[2])))
+        raise SystemExit(0)
     if len(sys.argv) != 4 or sys.argv[1] != "compare":
-        raise SystemExit("usage: python -m tu_lib.stages.organism compare organism/card.json runs/organism_rebuild/card.json")
+        raise SystemExit("usage: python -m tu_lib.stages.organism compare organism/card.json runs/organism_rebuild/card.json\n"
+                         "       python -m tu_lib.stages.organism v2-reference organism")
     rows = compare_cards(json.loads(Path(sys.argv[2]).read_text()), json.loads(Path(sys.argv[3]).read_text()))
     for r in rows:
         print(f"{r['property']:<40} committed {r['committed']:.3f} {r['ci']}  rebuilt {r['rebuilt']}  {'ok' if r['within_ci'] else 'OUTSIDE'}")
