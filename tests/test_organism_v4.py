@@ -1,5 +1,7 @@
 """Organism v4's building blocks that run in seconds: its validation split is disjoint from stage 03's sets, the
 list-completion wordings are split, the free projector's weights round-trip, paired gaps, and the probes of a split."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -234,3 +236,20 @@ def test_the_v2_reference_is_measured_on_v2_parts_only(tmp_path, monkeypatch):
     with pytest.raises(TuError, match="git checkout -- docs/organism_v2/"):
         stage.v2_reference()
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rebuilt_v4_card_is_compared_value_by_value_gaps_included():
+    rng = np.random.default_rng(1)
+    rows = [{"condition": "typographic", "layer": 0, "normalised_distance": 1.0}]
+    committed = stage.card_body({"test": _fake_split(rng), "unseen": _fake_split(rng), "representation_gap": rows})
+    same = stage.compare_cards(committed, committed)
+    assert all(r["within_ci"] for r in same)
+    assert {"test/harmful_image_on_topic", "unseen/gap_image_figstep_vs_text_bare"} <= {r["property"] for r in same}
+    moved = json.loads(json.dumps(committed))
+    moved["test"]["gaps"]["image_figstep_vs_text_bare"]["difference"] = -0.5  # outside any CI of a real gap
+    del moved["unseen"]["properties"]["harmful_image_on_topic"]
+    verdict = {r["property"]: r["within_ci"] for r in stage.compare_cards(committed, moved)}
+    assert not verdict["test/gap_image_figstep_vs_text_bare"] and not verdict["unseen/harmful_image_on_topic"]
+    assert verdict["test/harmful_image_on_topic"]
+    v2 = {"properties": {"x": {"rate": 0.5, "ci_low": 0.4, "ci_high": 0.6}}}  # the v2 card's shape still compares
+    assert stage.compare_cards(v2, {"properties": {"x": {"rate": 0.7, "ci_low": 0, "ci_high": 1}}})[0]["within_ci"] is False

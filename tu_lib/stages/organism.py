@@ -459,11 +459,24 @@ def write_measurement(P: dict, measured: dict, mc1: dict, calibration: dict, cfg
     return out
 
 
+def _card_values(card: dict) -> dict:
+    """name -> {"rate", "ci_low", "ci_high"} of every measured value on a card: a v2 card's properties; a v4 card's
+    properties and paired gaps on each split (gaps under their difference)."""
+    if "test" not in card:
+        return dict(card["properties"])
+    out = {}
+    for split in CARD_SPLITS:
+        out.update({f"{split}/{k}": v for k, v in card[split]["properties"].items()})
+        out.update({f"{split}/gap_{k}": {**v, "rate": v["difference"]} for k, v in card[split]["gaps"].items()})
+    return out
+
+
 def compare_cards(committed: dict, rebuilt: dict) -> list[dict]:
-    """Each property of a rebuilt organism against the committed card: inside its 95% CI or not."""
+    """Each value of a rebuilt organism's card against the committed card: inside its 95% CI or not."""
     rows = []
-    for key, ref in committed["properties"].items():
-        new = rebuilt["properties"].get(key)
+    new_values = _card_values(rebuilt)
+    for key, ref in _card_values(committed).items():
+        new = new_values.get(key)
         rows.append({"property": key, "committed": round(ref["rate"], 3), "ci": [round(ref["ci_low"], 3), round(ref["ci_high"], 3)],
                      "rebuilt": None if new is None else round(new["rate"], 3),
                      "within_ci": new is not None and ref["ci_low"] <= new["rate"] <= ref["ci_high"]})
