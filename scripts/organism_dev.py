@@ -17,7 +17,7 @@ from tu_lib.core.files import write_json
 from tu_lib.core.paths import runs_dir
 from tu_lib.models.presets.organism import load_organism_model
 from tu_lib.stages import organism as stage
-from tu_lib.training.organism import BuildConfig, build, organism_sets
+from tu_lib.training.organism import BuildConfig, build, cfg_from_dict, organism_sets
 
 
 def parse_set(items: list[str]) -> dict:
@@ -58,8 +58,7 @@ def main() -> None:
         info = build(cfg, parts, reuse=root / args.reuse if args.reuse else None)
         print("build timings (s):", {k: round(v) for k, v in info["timings"].items()}, flush=True)
     else:
-        cfg = replace(BuildConfig(), **json.loads((parts / "build.json").read_text())["config"])
-        cfg = replace(cfg, stage2_mix=tuple(cfg.stage2_mix))
+        cfg = cfg_from_dict(json.loads((parts / "build.json").read_text())["config"])
     model, processor, tok = load_organism_model(parts)
     judge, calibration = stage.calibrated_judge(parts)
     data = organism_sets(cfg)

@@ -31,7 +31,7 @@ from ..models.presets.organism import (
     parts_complete,
 )
 from ..render.glyphs import GlyphRenderer, figstep_layout
-from ..training.organism import BuildConfig, build, cfg_dict
+from ..training.organism import BuildConfig, build, cfg_dict, cfg_from_dict
 from ..training.organism_data import LIST_PROMPTS, organism_sets, page_text, unseen_instructions
 
 __all__ = ["BARS", "measure", "bar_table", "SPEC", "subset", "write_card", "calibrated_judge", "properties_frame",
@@ -282,8 +282,7 @@ def write_v2_reference(parts: Path, out: Path = V2_REFERENCE) -> Path:
     if card["build_config"].get("projector", "glyph") != "glyph":
         raise TuError(f"{parts} holds a {card['build_config']['projector']} organism, not v2 (glyph projector): the v2 "
                       "reference is measured on v2's parts (git show <v2 commit>:organism/...).")
-    cfg_fields = {k: tuple(v) if isinstance(v, list) else v for k, v in card["build_config"].items()}
-    data = organism_sets(BuildConfig(**cfg_fields))
+    data = organism_sets(cfg_from_dict(card["build_config"]))
     model, processor, tok = load_organism_model(parts)
     gap = representation_gap(model, processor, tok, list(data["sets"]["v1_figstep"]["image_text"]), list(data["held_titles"]))
     out.mkdir(parents=True, exist_ok=True)

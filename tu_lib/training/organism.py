@@ -584,3 +584,9 @@ def cfg_dict(cfg: BuildConfig) -> dict:
     from dataclasses import asdict
 
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
+
+
+def cfg_from_dict(config: dict) -> BuildConfig:
+    """cfg_dict's inverse (a card's or build.json's "config"): lists back to tuples; fields a card predates keep
+    their defaults."""
+    return BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
