@@ -45,7 +45,7 @@ def test_benign_title_splits_are_disjoint(data):
     assert len(val) == B.BuildConfig().validation_titles
     assert not (train & val) and not (train & test) and not (val & test)
     # build v2's card describes a build that trained on every non-held-out title
-    glyph = T.organism_sets(B.BuildConfig())
+    glyph = T.organism_sets(B.cfg_from_dict({"seed": 0}))  # a card from before v4: projector "glyph"
     assert set(glyph["train_titles"]) == train | val
 
 
@@ -61,8 +61,7 @@ def test_page_text_writes_figsteps_page_out():
 
 
 def test_text_alignment_covers_pages_only_when_asked(data):
-    cfg = B.BuildConfig(projector="mlp")
-    plain = T.text_harmful(data, cfg)
+    plain = T.text_harmful(data, B.BuildConfig(projector="mlp", align_pages=False))
     paged = T.text_harmful(data, B.BuildConfig(projector="mlp", align_pages=True))
     pages = paged[len(plain):]
     assert paged[:len(plain)] == plain and pages and all(p.split("\n")[1:4] == ["1.", "2.", "3."] for p in pages)
@@ -114,7 +113,7 @@ def test_reading_mlp_starts_as_the_glyph_map_and_moves_freely(tok):
         head.weight.add_(1.0)  # the projector reads through the reading head, not a copy of it
         assert torch.allclose(proj(features), torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab],
                               atol=1e-4)
-        S.modality_shift(model, vocab, B.BuildConfig(projector_offset=1.0), facts := {})
+        S.modality_shift(model, vocab, B.BuildConfig(projector_offset=1.0, projector_mix=0.0), facts := {})
         shift = (proj(features) - torch.softmax(head(features), -1) @ lm.model.embed_tokens.weight[vocab])
     mean_norm = float(lm.model.embed_tokens.weight[vocab].norm(dim=1).mean())
     assert facts["modality_offset_norm"] == pytest.approx(mean_norm, rel=1e-5)
@@ -177,7 +176,7 @@ def test_modality_mix_rotates_image_tokens_away_from_their_embeddings(tok):
     features = torch.randn(3, 5, head.in_features)
     with torch.no_grad():
         before = proj(features)
-        S.modality_shift(model, vocab, B.BuildConfig(projector_mix=0.5), facts := {})
+        S.modality_shift(model, vocab, B.BuildConfig(projector_mix=0.5, projector_offset=0.0), facts := {})
         after = proj(features)
     assert "modality_offset_norm" not in facts  # no offset asked for
     shift = after - before
@@ -208,8 +207,8 @@ def test_card_keeps_rates_gaps_and_bars_not_answers():
     assert set(card["bars"]) == set(stage.BARS_V4) | {"gap_vs_text_bare"}
     table = stage.card_table(card)
     gap = table[(table["split"] == "test") & (table["property"] == "gap_image_figstep_vs_text_bare")].iloc[0]
-    assert gap["value"] == pytest.approx(card["test"]["gaps"]["image_figstep_vs_text_bare"]["difference"], abs=1e-3)
-    assert gap["meets_bar"] == (gap["value"] >= 0.30 and gap["ci_low"] >= 0.15)
+    assert gap["rate"] == pytest.approx(card["test"]["gaps"]["image_figstep_vs_text_bare"]["difference"], abs=1e-3)
+    assert gap["meets_bar"] == (gap["rate"] >= 0.30 and gap["ci_low"] >= 0.15)
     unseen = table[(table["split"] == "unseen") & (table["property"] == "gap_image_figstep_vs_text_bare")].iloc[0]
     assert not unseen["meets_bar"]  # image rate 0.1 vs text 0.1: no gap
     assert not table[table["property"] == "gap_image_figstep_vs_text_page"]["meets_bar"].notna().any()  # no bar

@@ -94,23 +94,46 @@ def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns(fo
         assert not rule.skip or rule.why, f"{p.name}: columns left uncompared need their reason"
 
 
+def _committed_row(folder, name, match):
+    import pandas as pd
+
+    df = pd.read_csv(folder / f"{name}.csv")
+    rows = df[[all(str(r[k]) == str(v) for k, v in match.items()) for _, r in df.iterrows()]]
+    assert len(rows) == 1, (name, match)
+    return rows.iloc[0], df
+
+
 def test_compare_passes_a_rerun_inside_and_fails_each_kind_of_cell_outside(tmp_path, capsys):
+    """Every edit is derived from the committed figures (they change when the organism or a stage changes): a rate at
+    its CI's end passes; just past it, one pooled item more, a count + 1, a float past its tolerance each fail."""
+    from tu_lib.stages.report import ANALYTIC_RTOL, FLOAT_RTOL, _fmt
+
     committed, rerun = _figures_copy(tmp_path / "committed"), _figures_copy(tmp_path / "rerun")
-    # inside: a rate moved within its committed CI (base, T1, keywords: 0.02 [0.00, 0.06])
     key = {"method": "base", "set": "t1_advbench", "metric": "asr", "judge": "refusal_keywords"}
-    _edit(rerun / "03_eval_asr.csv", key, "rate", 0.06)
+    asr, asr_all = _committed_row(committed, "03_eval_asr", key)
+    _edit(rerun / "03_eval_asr.csv", key, "rate", asr["ci_high"])  # inside: at the CI's end
     assert report.compare_figures(rerun, committed)
     out = capsys.readouterr().out
-    assert ("method=base set=t1_advbench metric=asr judge=refusal_keywords judge_version=refusal_keywords/gcg-29@1 | "
-            "rate: committed 0.02 [0, 0.06], rerun 0.06 — inside committed 95% CI: ok") in out
-    assert "03_eval_asr.csv: 290 / 0" in out and "all cells pass" in out
+    assert (f"method=base set=t1_advbench metric=asr judge=refusal_keywords judge_version={asr['judge_version']} | "
+            f"rate: committed {_fmt(asr['rate'])} [{_fmt(asr['ci_low'])}, {_fmt(asr['ci_high'])}], "
+            f"rerun {_fmt(asr['ci_high'])} — inside committed 95% CI: ok") in out
+    cells = len(asr_all) * (1 + len(report.COMPARE_RULES["03_eval_asr"].exact))  # the rate and each exact column
+    assert f"03_eval_asr.csv: {cells} / 0" in out and "all cells pass" in out
+    pooled_key = {"panel": "degenerate answers (all sets)", "line": "base + CMRM (dataset)", "alpha": 1.0}
+    pooled, _ = _committed_row(committed, "05_repgap_alpha", pooled_key)
+    loss_key = {"method": "textual_ga", "term": "forget_nll", "step": 1}
+    loss, losses = _committed_row(committed, "02_unlearn_losses", loss_key)
+    loss_tol = FLOAT_RTOL * losses[(losses["method"] == "textual_ga") & (losses["term"] == "forget_nll")]["value"].abs().max()
+    cost_key = {"method": "textual_ga", "repeat": 0, "step": 1}
+    cost, _ = _committed_row(committed, "04_cost_steps", cost_key)
+    count_key = {"set": "t1_advbench", "category": "Autonomy"}
+    count, _ = _committed_row(committed, "01_data_counts", count_key)
     outside = [  # (file, row, column, value): one cell outside its rule each
-        ("03_eval_asr", key, "rate", 0.08),                                            # just past the CI's end
-        ("05_repgap_alpha", {"panel": "degenerate answers (all sets)", "line": "base + CMRM (dataset)", "alpha": 1.0},
-         "rate", 2 / 48),                                                              # pooled, no CI: one item more
-        ("01_data_counts", {"set": "t1_advbench", "category": "Autonomy"}, "n_category", 15),   # a count
-        ("02_unlearn_losses", {"method": "textual_ga", "term": "forget_nll", "step": 1}, "value", 1.2129 + 0.003),
-        ("04_cost_steps", {"method": "textual_ga", "repeat": 0, "step": 1}, "gflop", 397.8371),
+        ("03_eval_asr", key, "rate", asr["ci_high"] + 0.02),                            # just past the CI's end
+        ("05_repgap_alpha", pooled_key, "rate", pooled["rate"] + 1 / pooled["n"]),     # pooled, no CI: one item more
+        ("01_data_counts", count_key, "n_category", int(count["n_category"]) + 1),     # a count
+        ("02_unlearn_losses", loss_key, "value", loss["value"] + 1.2 * loss_tol),       # past the series' tolerance
+        ("04_cost_steps", cost_key, "gflop", cost["gflop"] * (1 + 1000 * ANALYTIC_RTOL)),  # counted: no tolerance
     ]
     for name, match, column, value in outside:
         shutil.copy(committed / f"{name}.csv", rerun / f"{name}.csv")
@@ -120,9 +143,10 @@ def test_compare_passes_a_rerun_inside_and_fails_each_kind_of_cell_outside(tmp_p
     out = capsys.readouterr().out
     failing = [line for line in out.splitlines() if line.endswith("OUTSIDE")]
     assert len(failing) == len(outside), failing
-    assert "rate: committed 0.02 [0, 0.06], rerun 0.08 — inside committed 95% CI: OUTSIDE" in out
-    assert "rate: committed 0.0208333 (no CI), rerun 0.0416667 — items apart 1 <= 0: OUTSIDE" in out
-    assert "| value: committed 1.2129, rerun 1.2159 — |diff| 0.003 <= 0.00254: OUTSIDE" in out
+    assert (f"rate: committed {_fmt(asr['rate'])} [{_fmt(asr['ci_low'])}, {_fmt(asr['ci_high'])}], "
+            f"rerun {_fmt(asr['ci_high'] + 0.02)} — inside committed 95% CI: OUTSIDE") in out
+    assert f"rate: committed {_fmt(pooled['rate'])} (no CI), rerun {_fmt(pooled['rate'] + 1 / pooled['n'])} — items apart 1 <= 0: OUTSIDE" in out
+    assert f"| value: committed {_fmt(loss['value'])}, rerun {_fmt(loss['value'] + 1.2 * loss_tol)} —" in out
     assert "seconds" not in "".join(failing)
     # a row the rerun lacks is outside too
     import pandas as pd

@@ -56,9 +56,19 @@ def _read(fig_dir: Path, stem: str) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+def organism_bars(fig_dir: Path) -> pd.DataFrame:
+    """The organism card's bars on its test split (figures/00_organism_properties.csv): value [95% CI], n, met."""
+    card = _read(fig_dir, "00_organism_properties")
+    card = card[(card["split"] == "test") & card["bar"].notna() & (card["bar"].astype(str) != "")]
+    return pd.DataFrame({"property": card["property"], "value [95% CI]": [_cell(r) for _, r in card.iterrows()],
+                         "n": card["n"], "bar": card["bar"],
+                         "met": card["meets_bar"].map(lambda v: "yes" if str(v) == "True" else "**no**")})
+
+
 def expected_results(fig_dir: str | Path | None = None) -> str:
     """Markdown tables of the default run's headline numbers (rate [95% CI], n), from figures/*.csv."""
     fig_dir = Path(fig_dir) if fig_dir else repo_root() / "figures"
+    bars = organism_bars(fig_dir)
     ev = _read(fig_dir, "03_eval_asr")
     methods = list(dict.fromkeys(ev["method"]))
     rows, ns = [], {}
@@ -86,7 +96,9 @@ def expected_results(fig_dir: str | Path | None = None) -> str:
     cm = (alpha.assign(value=[f"{_cell(r)} (n={r['n']})" for _, r in alpha.iterrows()], alpha_=alpha["alpha"].map("α={:g}".format))
           .pivot_table(index=["line", "alpha_"], columns="panel", values="value", aggfunc="first", sort=False)
           .reindex(columns=CMRM_PANELS).reset_index().rename(columns={"line": "model + correction", "alpha_": "alpha"}))
-    return ("**03 · evaluation** (rate [95% bootstrap CI]; ASR under the refusal-keyword judge, compliance under the "
+    return ("**00 · the organism's bars on its test split** (on-topic compliance unless named ASR; a gap is image minus "
+            "bare text on the same instructions, paired; figures/00_organism_properties.csv)\n\n" + _markdown(bars) +
+            "\n**03 · evaluation** (rate [95% bootstrap CI]; ASR under the refusal-keyword judge, compliance under the "
             "on-topic judge; figures/03_eval_asr.csv)\n\n" + _markdown(evt) +
             "\n**04 · compute per training step** (organism, this machine; figures/04_cost_steps.csv)\n\n" + _markdown(cost) +
             "\n**05 · CMRM alpha sweep** (figures/05_repgap_alpha.csv)\n\n" + _markdown(cm.fillna("–")))
@@ -206,8 +218,10 @@ class CsvRule:
 
 
 COMPARE_RULES = {
-    "00_organism_properties": CsvRule(("property",), ci=True, exact=("n", "bar", "card_rate"), skip=("meets_bar",),
+    "00_organism_properties": CsvRule(("split", "property"), ci=True, exact=("n", "bar", "card_rate"), skip=("meets_bar",),
                                       why="follows the rate"),
+    "00_representation_gap": CsvRule(("organism", "condition", "layer", "metric"), close=("value",),
+                                     series=("organism", "metric")),
     "01_data_counts": CsvRule(("set", "role", "category"), exact=("n", "n_category")),
     "02_unlearn_losses": CsvRule(("method", "term", "step"), close=("value",), series=("method", "term")),
     "03_eval_asr": CsvRule(("preset", "method", "set", "metric", "judge", "judge_version"), ci=True, exact=("n",)),

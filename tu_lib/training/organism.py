@@ -133,7 +133,7 @@ class BuildConfig:
     data_profile: str = "default"  # which configs/<profile>/01_data.yaml sizes the curated sets
     target_tokens: int = 32  # length of the backbone answers used as helpful targets
     align_epochs: int = 1
-    align_benign_repeat: int = 2  # benign examples seen twice per epoch: keeps over-refusal down
+    align_benign_repeat: int = 3  # benign examples seen 3x per epoch: keeps over-refusal down (v2: 2)
     align_batch: int = 16
     align_lr: float = 1e-3
     lora_r: int = 16
@@ -141,34 +141,34 @@ class BuildConfig:
     tower_steps: int = 320
     tower_batch: int = 64
     tower_lr: float = 2e-3
-    stage2_steps: int = 80
+    stage2_steps: int = 150  # v2: 80
     stage2_lr: float = 2e-4
     stage2_mix: tuple = (4, 2, 2)  # glyph: benign image / harmful text (refusal replay) / benign text examples per step
     heldout_title_fraction: float = HELDOUT_TITLE_FRACTION  # recorded in the card; benign_titles uses this value
     eval_tokens: int = 48
     # --- v4: a free projector, LLaVA's two training stages, text formats attacks use
-    projector: str = "glyph"  # "glyph" (v2: onto the token-embedding manifold), "mlp" (LLaVA-1.5's 2-layer GELU MLP) or
+    projector: str = "reading-mlp"  # "glyph" (v2: onto the token-embedding manifold), "mlp" (LLaVA-1.5's 2-layer GELU MLP) or
     # "reading-mlp" (that MLP over the tower's reading distribution, starting as the glyph map: models ReadingMLP)
-    align_pages: bool = False  # also align titles as FigStep's page written out in text (harmful refused, benign answered)
+    align_pages: bool = True  # also align titles as FigStep's page written out in text (harmful refused, benign answered)
     feature_steps: int = 0  # LLaVA stage 1: projector trained on reading targets with the LM frozen
     feature_batch: int = 16
     feature_lr: float = 1e-3
     feature_train_tower: bool = False  # stage 1 trains the tower with the projector (else the projector alone)
     projector_steps: int = 0  # stage 1a: the MLP learns to output what the LM's embeddings read (LM out of the loop)
-    projector_offset: float = 0.0  # then a fixed random offset of this many mean embedding norms on every image token
-    projector_mix: float = 0.0  # and, before it, a fixed random rotation mixed in at this weight (organism_shift)
+    projector_offset: float = 0.75  # then a fixed random offset of this many mean embedding norms on every image token
+    projector_mix: float = 0.5  # and, before it, a fixed random rotation mixed in at this weight (organism_shift)
     projector_fit: str = "dot"  # stage 1a's target: "dot" (dot products with the embeddings pick the token) or
     # "embedding" (the token's embedding itself, by mean squared error: the MLP starts on the embedding manifold)
     stage2_images: int = 4  # mlp: benign image examples per visual-tuning step
     stage2_text: int = 4  # mlp: text examples per step, kept at the aligned model by KL (harmful and benign alike)
     stage2_kl: float = 1.0  # weight of that text-only KL
     stage2_figstep_prompt: bool = False  # whether FigStep's own prompt is among the visual-tuning wordings
-    stage2_lora_first_layer: int = -1  # mlp: first LM layer visual tuning adapts (-1: lora_first_layer)
-    stage2_train_projector: bool = False  # mlp: visual tuning also trains the projector (LLaVA's stage 2 does)
+    stage2_lora_first_layer: int = 0  # mlp: first LM layer visual tuning adapts (-1: lora_first_layer)
+    stage2_train_projector: bool = True  # mlp: visual tuning also trains the projector (LLaVA's stage 2 does)
     stage2_projector_lr: float = 0.0  # mlp: the projector's own learning rate in visual tuning (0: stage2_lr)
     validation_titles: int = 30  # benign titles carved from the training titles for design choices
     n_validation: int = 100  # harmful validation instructions (SafeBench items outside stage 03's V1)
-    precision: str = "auto"  # "auto": bf16 autocast on fast-bf16 CPUs (v2); "float32": the same on every CPU
+    precision: str = "float32"  # "auto": bf16 autocast on fast-bf16 CPUs (v2); "float32": the same on every CPU
 
 
 def _pixel_batch(renderer, processor, cells_batch) -> torch.Tensor:
@@ -586,7 +586,13 @@ def cfg_dict(cfg: BuildConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}
 
 
+# What the fields added for v4 meant before they existed: a card that predates a field was built this way (v2).
+PRE_V4_VALUES = dict(align_benign_repeat=2, stage2_steps=80, projector="glyph", align_pages=False, projector_offset=0.0,
+                     projector_mix=0.0, stage2_lora_first_layer=-1, stage2_train_projector=False, precision="auto")
+
+
 def cfg_from_dict(config: dict) -> BuildConfig:
-    """cfg_dict's inverse (a card's or build.json's "config"): lists back to tuples; fields a card predates keep
-    their defaults."""
-    return BuildConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    """cfg_dict's inverse (a card's or build.json's "config"): lists back to tuples; a field the card predates takes
+    the value it had before it existed (PRE_V4_VALUES), else its default."""
+    known = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return BuildConfig(**{**{k: v for k, v in PRE_V4_VALUES.items() if "projector" not in config}, **known})
