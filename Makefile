@@ -132,7 +132,7 @@ notebooks: setup smoke-inputs
 	  TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar notebooks/$$n.ipynb tests/nbval/$$n.smoke.ipynb -p profile smoke || exit 1; \
 	done
 	TU_PROGRESS=0 $(VENV)/bin/papermill --no-progress-bar $(ASSIGNMENT) tests/nbval/06_assignment.solution.ipynb -p solution True
-	rm -rf tests/nbval/smoke_figures && mkdir -p tests/nbval/smoke_figures && cp runs/smoke/figures/*.csv tests/nbval/smoke_figures/
+	mkdir -p tests/nbval/smoke_figures && rm -f tests/nbval/smoke_figures/*.csv && cp runs/smoke/figures/*.csv tests/nbval/smoke_figures/
 	$(PY) -m tu_lib.stages.report readme
 
 report: setup
