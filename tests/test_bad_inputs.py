@@ -34,8 +34,12 @@ def folders(tmp_path):
     (tmp_path / "nosums").mkdir()
     stage01 = core.claim_output_dir(tmp_path / "stage01", "01_data")
     (stage01 / "sets").mkdir()
+    old01 = core.claim_output_dir(tmp_path / "old01", "01_data")  # stage 01's output from before the validation/test split
+    (old01 / "sets").mkdir()
     for name in curate.SET_NAMES:
-        core.write_jsonl(stage01 / "sets" / f"{name}.jsonl", [{"prompt": f"placeholder {name}", "image_text": "Steps."}])
+        row = {"prompt": f"placeholder {name}", "image_text": "Steps."}
+        core.write_jsonl(stage01 / "sets" / f"{name}.jsonl", [{**row, "split": "test"}])
+        core.write_jsonl(old01 / "sets" / f"{name}.jsonl", [row])
     core.claim_output_dir(tmp_path / "stage02", "02_unlearn")
     finished_method_run(tmp_path / "damaged" / "textual_ga")
     weights = tmp_path / "damaged" / "textual_ga" / "adapter" / "adapter_model.safetensors"
@@ -148,6 +152,11 @@ CASES = [
     ("03_eval", {**S, "data_dir": "{tmp}/stage01", "methods": "base", "user_sets": "{tmp}/user/gone_image.jsonl",
                  "out_dir": "{tmp}/o3"}, r"gone_image\.jsonl line 1: image 'gone\.png' not found"),
     ("03_eval", {**S, "user_sets": "my_prompts.txt"}, r"user set 'my_prompts\.txt' has the extension '\.txt'"),
+    ("03_eval", {**S, "data_dir": "{tmp}/old01", "methods": "base", "split": "test", "out_dir": "{tmp}/o3"},
+     r"items carry no validation/test split .*rerun notebook 01.*or pass `-p split all`"),
+    ("03_eval", {**S, "split": "train"}, r"split='train' must be one of 'validation', 'test', 'all'"),
+    ("03_eval", {**S, "selection_rule": {"max_degenerate_share": 5}}, r"selection_rule=.* sets max_degenerate_share=5"),
+    ("03_eval", {**S, "selection_rule": "{{max_degenerate_share: [}}"}, r"selection_rule=.* is not a YAML mapping"),
     # notebook 04: cost
     ("04_cost", {**S, "steps": 0}, r"steps=0 must be > 0"),
     ("04_cost", {**S, "repeats": 0}, r"repeats=0 must be > 0"),
@@ -168,6 +177,9 @@ CASES = [
     ("05_repgap", {**S, "data_dir": "{tmp}/stage01", "methods": [], "combine_methods": [],
                    "user_sets": "{tmp}/user/text_only.csv", "out_dir": "{tmp}/o5"},
      r"text_only\.csv line 2 has no image or image_text .*every row needs one"),
+    ("05_repgap", {**S, "data_dir": "{tmp}/old01", "methods": [], "combine_methods": [], "split": "test",
+                   "out_dir": "{tmp}/o5"},
+     r"items carry no validation/test split .*rerun notebook 01"),
 ]
 
 

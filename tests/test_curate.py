@@ -5,6 +5,7 @@ import pytest
 from tu_lib import data
 from tu_lib.core import TuError, normalise_prompt, params
 from tu_lib.data import curation as curate
+from tu_lib.data import splits
 
 
 def build(profile="default", **over):
@@ -99,3 +100,83 @@ def test_stratified_order_balances_every_prefix():
         counts = out["c"].head(k).value_counts().reindex(list("abc"), fill_value=0)
         assert counts.max() - counts.min() <= 1, (k, counts.to_dict())
     assert sorted(out["x"]) == list(range(12))
+
+
+# ---- validation and test (issue 19): every evaluation and utility set split in two, on its pool ---------------------
+
+
+def signatures(row) -> set:
+    """What makes two items the same item: a normalised text it carries, with its photo where it has one (LLaVA-Bench
+    asks one question about several photos)."""
+    image = row.get("image") if isinstance(row.get("image"), str) else None
+    return {(text, image) for text in curate.item_texts(row)}
+
+
+def parts(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    return {s: df[df["split"] == s] for s in ("validation", "test")}
+
+
+def test_validation_and_test_never_share_an_item(default):
+    for name in curate.EVAL_SETS:
+        for df in (default.pools[name], default.sets[name]):
+            assert set(df["split"]) <= {"validation", "test"}, name
+            val, test = parts(df).values()
+            assert not set(val["id"]) & set(test["id"]), name
+            shared = set().union(*map(signatures, val.to_dict("records"))) & set().union(
+                *map(signatures, test.to_dict("records")))
+            assert not shared, (name, sorted(shared)[:2])
+    for name in curate.TRAIN_SETS:  # training-side sets are not evaluated: no split
+        assert "split" not in default.sets[name], name
+
+
+def test_every_prefix_holds_both_parts_and_every_category_in_both(default, smoke):
+    """Any profile's set is a prefix of its pool: each prefix of two or more items has both parts, and each category
+    with two or more items in it is in both (within a category the items alternate, so never off by more than one)."""
+    for name in curate.EVAL_SETS:
+        pool = default.pools[name]
+        sizes = sorted({2, 3, 5, 8, 13, 50, len(smoke.sets[name]), len(default.sets[name]), len(pool)})
+        for k in (k for k in sizes if 2 <= k <= len(pool)):
+            prefix = pool.head(k)
+            val, test = parts(prefix).values()
+            assert len(val) and len(test), (name, k)
+            counts = prefix.groupby(["category", "split"]).size().unstack(fill_value=0)
+            counts = counts.reindex(columns=["validation", "test"], fill_value=0)
+            assert ((counts["validation"] - counts["test"]).abs() <= 1).all(), (name, k, counts)
+            several = counts[counts.sum(axis=1) >= 2]
+            assert (several > 0).all(axis=None), (name, k, several)
+        assert abs(len(parts(pool)["validation"]) - len(pool) / 2) <= max(2, 0.05 * len(pool)), name  # about half
+
+
+def test_split_labels_are_the_same_in_a_smaller_profile(default, smoke):
+    for name in curate.EVAL_SETS:
+        small, big = smoke.sets[name], default.sets[name]
+        assert small[["id", "split"]].equals(big[["id", "split"]].head(len(small))), name
+
+
+def test_the_split_is_the_rule_applied_to_the_seeded_pool_order(default):
+    other = build("default", seed=1)
+    for cur in (default, other):
+        for name in curate.EVAL_SETS:
+            assert cur.pools[name]["split"].tolist() == splits.assign_splits(cur.pools[name]["category"]), name
+    labels = [dict(zip(cur.pools["t2_harmbench"]["id"], cur.pools["t2_harmbench"]["split"])) for cur in (default, other)]
+    assert labels[0].keys() == labels[1].keys() and labels[0] != labels[1]  # another seed: the same items split anew
+
+
+def test_assign_splits_alternates_within_categories_and_balances_new_ones():
+    assert splits.assign_splits("aaaa") == ["validation", "test", "validation", "test"]
+    assert splits.assign_splits("abab") == ["validation", "test", "test", "validation"]
+    # c starts where the parts are short (test: 1 of 3 so far)
+    assert splits.assign_splits("abac") == ["validation", "test", "test", "validation"]
+    assert splits.assign_splits([]) == []
+    assert splits.assign_splits([float("nan"), float("nan")]) == ["validation", "test"]  # one missing category
+
+
+def test_the_manifest_counts_each_part(default):
+    from tu_lib.stages import curate as stage01
+
+    table = stage01.summary_table(default).set_index("set")
+    for name in curate.EVAL_SETS:
+        row = table.loc[name]
+        assert row["n_validation"] + row["n_test"] == row["n"] and row["n_validation"] and row["n_test"], name
+        assert stage01.split_counts(default, name) == {"n_validation": int(row["n_validation"]), "n_test": int(row["n_test"])}
+    assert stage01.split_counts(default, "forget") == {}

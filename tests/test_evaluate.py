@@ -204,7 +204,8 @@ def test_run_record_hashes_the_sets_and_adapters_read(tmp_path):
     assert evaluation.input_hashes(P)[str(adapter / "adapter_model.safetensors")] != hashes[str(adapter / "adapter_model.safetensors")]
     # stage 05 reads its anchor prompts (forget), V1 and its sets, and the adapters of methods and combinations
     P05 = {"sets": ["t1_advbench"], "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"], "methods": ["textual_ga"],
-           "combine_methods": [], "preset": "organism", "llava_images_dir": "", "judges": ["refusal_keywords"]}
+           "combine_methods": [], "preset": "organism", "llava_images_dir": "", "judges": ["refusal_keywords"],
+           "split": "test"}
     assert {p.split("/")[-1] for p in evaluation.input_hashes(repgap._as_stage03(P05))} == {
         "forget.jsonl", "v1_figstep.jsonl", "t1_advbench.jsonl", "adapter_model.safetensors", "adapter_config.json"}
 
@@ -222,3 +223,72 @@ def test_generations_are_kept_per_weights(tmp_path):
         next(iter(vlm.model.parameters())).view(-1)[0] += 1.0
     evaluation.generate_method(vlm, P, "base", items, tmp_path)
     assert len(list((tmp_path / "generations" / "micro").glob("base-*.jsonl"))) == 2  # new weights: generated afresh
+
+
+# ---- validation and test (issue 19): stage 03 reads one part of every set --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage01_smoke(tmp_path_factory):
+    """Stage 01's smoke sets (with their split labels) written as stage 01 writes them, and the curation."""
+    from tu_lib.core import params
+    from tu_lib.data import curation as curate
+
+    cur = curate.build(params.resolve(curate.SPEC, {"profile": "smoke"}), {})
+    root = tmp_path_factory.mktemp("01_data")
+    (root / "sets").mkdir()
+    for name, df in cur.sets.items():
+        write_jsonl(root / "sets" / f"{name}.jsonl", df.to_dict("records"))
+    return root, cur
+
+
+def _items(vlm, data_dir, name, split, n="all"):
+    P = {"data_dir": str(data_dir), "split": split, "n_per_set": n, "seed": 0, "user_sets": [], "llava_images_dir": ""}
+    return evaluate.build_items(vlm, P, name)[0]
+
+
+@pytest.mark.parametrize("name", ["t1_advbench", "t3_jailbreak", "v1_figstep", "xstest_safe", "utility_reading"])
+def test_items_come_from_the_chosen_part_only(micro, stage01_smoke, name):
+    root, cur = stage01_smoke
+    ids = {split: [it["id"] for it in _items(micro, root, name, split)] for split in ("validation", "test", "all")}
+    assert ids["validation"] and ids["test"] and not set(ids["validation"]) & set(ids["test"])
+    assert sorted(ids["validation"] + ids["test"]) == sorted(ids["all"])
+    if name != "utility_reading":  # stage 01's labels, as written
+        labels = dict(zip(cur.sets[name]["id"], cur.sets[name]["split"]))
+        assert {labels[i] for i in ids["test"]} == {"test"} and {labels[i] for i in ids["validation"]} == {"validation"}
+    # n_per_set is taken from the part, not from the whole set
+    assert [it["id"] for it in _items(micro, root, name, "test", 2)] == ids["test"][:2]
+
+
+def test_truthfulqa_mc1_is_scored_on_the_chosen_part(micro, stage01_smoke):
+    root, cur = stage01_smoke
+    P = {"data_dir": str(root), "n_per_set": "all", "seed": 0, "preset": "micro"}
+    for split in ("validation", "test"):
+        row = evaluate.mc1_for(micro, {**P, "split": split}, "base", {})[0]
+        assert row["n"] == (cur.sets["utility_truthfulqa"]["split"] == split).sum()
+
+
+def test_stage01_output_without_the_split_is_refused_before_loading_a_model(tmp_path, stage01_smoke):
+    from tu_lib.core import read_jsonl
+    from tu_lib.stages import repgap
+
+    root, _ = stage01_smoke
+    (tmp_path / "old" / "sets").mkdir(parents=True)
+    for path in (root / "sets").glob("*.jsonl"):
+        write_jsonl(tmp_path / "old" / "sets" / path.name, [{k: v for k, v in r.items() if k != "split"}
+                                                            for r in read_jsonl(path)])
+    common = {"profile": "smoke", "methods": "base", "judges": "refusal_keywords", "out_dir": str(tmp_path / "o3"),
+              "sets": "v3_adversarial,t1_advbench,utility_truthfulqa,utility_reading"}  # V3 reads v3_prompts
+    P = evaluate.resolve_params({**common, "data_dir": str(tmp_path / "old"), "split": "test"})
+    with pytest.raises(TuError, match=r"v3_prompts\.jsonl: \d+ of \d+ items carry no validation/test split.*rerun "
+                                      r"notebook 01.*-p split all"):
+        evaluate.check_inputs(P)
+    assert not (tmp_path / "o3").exists()
+    evaluate.check_inputs(evaluate.resolve_params({**common, "data_dir": str(tmp_path / "old"), "split": "all"}))
+    evaluate.check_inputs(evaluate.resolve_params({**common, "data_dir": str(root), "split": "validation"}))
+    P05 = repgap.resolve_params({"profile": "smoke", "methods": [], "combine_methods": [], "judges": "refusal_keywords",
+                                 "data_dir": str(tmp_path / "old"), "out_dir": str(tmp_path / "o5"), "split": "test"})
+    with pytest.raises(TuError, match="rerun notebook 01"):
+        repgap.check_inputs(P05)
+    with pytest.raises(ParameterError, match="split='train' must be one of 'validation', 'test', 'all'"):
+        evaluate.resolve_params({**common, "split": "train"})

@@ -89,26 +89,111 @@ def test_paper_presets_need_forget_answers_from_stage01(stage01):
     assert methods.load_sets(stage01, 2, "organism")[0] == methods.load_sets(stage01, 2)[0]
 
 
+def curve_hashes(run) -> dict[int, str]:
+    """step -> SHA-256 of the weights kept for the training curve (the final adapter at the last step)."""
+    return {step: adapter_hash(folder) for step, folder in methods.curve_checkpoints(run) if folder is not None}
+
+
 def test_interrupted_run_resumes_to_the_same_adapter(micro_data, tmp_path):
+    """Killed between two curve points (after step 3 of 8; checkpoint at 2, curve points 1, 2, 4 and the final 8), a
+    rerun resumes and ends with the same adapter and the same curve adapters, byte for byte."""
     vlm, data = micro_data
-    whole = methods.train(vlm, data, cfg(), tmp_path / "whole")
+    whole = methods.train(vlm, data, cfg(steps=8, curve_points=4), tmp_path / "whole")
+    assert [s for s, _ in methods.curve_checkpoints(tmp_path / "whole")] == [0, 1, 2, 4, 8]
 
     def crash(step):
-        if step == 5:
+        if step == 3:
             raise KeyboardInterrupt("killed mid-run")
 
     with pytest.raises(KeyboardInterrupt):
-        methods.train(vlm, data, cfg(), tmp_path / "resumed", on_step=crash)
+        methods.train(vlm, data, cfg(steps=8, curve_points=4), tmp_path / "resumed", on_step=crash)
     assert (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
     assert not (tmp_path / "resumed" / "adapter").exists(), "an interrupted run must not leave an adapter behind"
+    assert sorted(p.name for p in (tmp_path / "resumed" / "curve").iterdir()) == ["step-0001", "step-0002"]
     assert not any("lora" in n for n, _ in vlm.model.named_parameters()), "a crash must leave the base model clean"
-    resumed = methods.train(vlm, data, cfg(), tmp_path / "resumed")
+    resumed = methods.train(vlm, data, cfg(steps=8, curve_points=4), tmp_path / "resumed")
     assert adapter_hash(tmp_path / "whole") == adapter_hash(tmp_path / "resumed")
-    assert resumed["steps_done"] == whole["steps_done"] == 6
+    assert curve_hashes(tmp_path / "resumed") == curve_hashes(tmp_path / "whole")
+    assert len(set(curve_hashes(tmp_path / "whole").values())) == 4  # each point its own weights
+    assert resumed["steps_done"] == whole["steps_done"] == 8 and resumed["curve"] == whole["curve"]
     assert not (tmp_path / "resumed" / "checkpoint").exists()
-    # a different setting does not resume from (or reuse) that run
-    other = methods.train(vlm, data, cfg(lr=1e-3), tmp_path / "resumed")
+    # a different setting does not resume from (or reuse) that run, nor keep its curve points
+    other = methods.train(vlm, data, cfg(steps=8, lr=1e-3), tmp_path / "resumed")
     assert adapter_hash(tmp_path / "resumed") != adapter_hash(tmp_path / "whole") and other["key"] != whole["key"]
+    assert methods.curve_checkpoints(tmp_path / "resumed") == [(0, None), (8, tmp_path / "resumed")]
+    assert not (tmp_path / "resumed" / "curve").exists()
+
+
+def test_curve_steps_are_geometric_and_end_at_the_last_step():
+    assert methods.curve_steps(20, 5) == [1, 2, 4, 9, 20]
+    assert methods.curve_steps(8, 4) == [1, 2, 4, 8] and methods.curve_steps(6, 4) == [1, 2, 3, 6]
+    assert methods.curve_steps(6, 5) == [1, 2, 3, 4, 6]  # 5 points on 1..6 round to 4 distinct: the grid widens
+    assert methods.curve_steps(3, 5) == [1, 2, 3] and methods.curve_steps(10, 0) == []
+    assert methods.curve_steps(10, 1) == [10] and methods.curve_steps(1, 3) == [1]
+    for steps, points in ((1000, 6), (160, 8), (7, 6), (2, 1)):
+        got = methods.curve_steps(steps, points)
+        assert len(got) >= points and got[-1] == steps and got == sorted(set(got)) and got[0] >= 1
+        ratios = [b / a for a, b in zip(got, got[1:])]
+        assert max(ratios, default=1) <= 2 * (steps ** (1 / max(points - 1, 1))) + 1, (steps, points, got)  # no big gap
+
+
+def test_curve_points_are_verified_like_the_final_adapter(micro_data, tmp_path, capsys):
+    vlm, data = micro_data
+    run = tmp_path / "run"
+    summary = methods.train(vlm, data, cfg(steps=4, curve_points=3), run)
+    points = methods.curve_checkpoints(run)
+    assert points == [(0, None), (1, run / "curve" / "step-0001"), (2, run / "curve" / "step-0002"), (4, run)]
+    assert "curve/step-0001/adapter/adapter_model.safetensors" in summary["files"]
+    from tu_lib.models.generate import generate
+
+    texts = [vlm.chat("Placeholder question?", False)]
+    with models.adapter_applied(vlm, points[1][1]):  # a curve point is read as stages 03-05 read a method's folder
+        generate(vlm.model, vlm.processor, texts, max_new_tokens=2)
+    weights = run / "curve" / "step-0002" / "adapter" / "adapter_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:100])
+    assert "step-0002/adapter/adapter_model.safetensors is missing or changed" in methods.method_problem(run)
+    with pytest.raises(TuError, match=r"training curve of .* cannot be trusted: .*step-0002.*Rerun notebook 02"):
+        methods.curve_checkpoints(run)
+    capsys.readouterr()
+    methods.train(vlm, data, cfg(steps=4, curve_points=3), run)  # a damaged run is trained again, curve and all
+    assert "step-0002" in capsys.readouterr().out and weights.read_bytes() == good
+
+
+def test_a_curve_point_removed_during_an_interruption_is_named(micro_data, tmp_path):
+    vlm, data = micro_data
+
+    def crash(step):
+        if step == 3:
+            raise KeyboardInterrupt("killed mid-run")
+
+    with pytest.raises(KeyboardInterrupt):
+        methods.train(vlm, data, cfg(steps=4, curve_points=3), tmp_path / "run", on_step=crash)
+    shutil.rmtree(tmp_path / "run" / "curve" / "step-0001")
+    with pytest.raises(TuError, match=r"step-0001, the curve point of step 1, was removed.*delete .*checkpoint"):
+        methods.train(vlm, data, cfg(steps=4, curve_points=3), tmp_path / "run")
+
+
+def test_a_stopped_run_ends_its_curve_at_the_step_it_stopped(micro_data, tmp_path):
+    vlm, data = micro_data
+    s = methods.train(vlm, data, cfg(steps=8, max_forget_nll=1.0, curve_points=8), tmp_path / "stop")
+    assert s["steps_done"] == 1 and s["curve"] == {"points": 8, "steps": [1]}
+    assert methods.curve_checkpoints(tmp_path / "stop") == [(0, None), (1, tmp_path / "stop")]
+    assert not (tmp_path / "stop" / "curve").exists()
+
+
+def test_curve_points_enter_the_run_key_only_when_on(micro_data):
+    """Runs without curve points keep the key they had before the setting existed (their adapters stay reusable);
+    with curve points the run leaves other files, so it is another run."""
+    import dataclasses
+
+    _, data = micro_data
+    legacy = dataclasses.asdict(cfg())
+    del legacy["curve_points"]
+    blob = json.dumps({"model": "m", "config": legacy, "forget": data.forget, "normal": data.normal,
+                       "mismatch": data.mismatch_answers}, sort_keys=True, default=list)
+    assert cfg().key(data, "m") == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert cfg(curve_points=3).key(data, "m") not in (cfg().key(data, "m"), cfg(curve_points=4).key(data, "m"))
 
 
 def test_a_damaged_finished_run_is_named_and_trained_again(micro_data, tmp_path, capsys):
@@ -211,12 +296,12 @@ def test_full_finetuning_trains_the_llm_against_a_frozen_copy(micro_data, tmp_pa
     vlm, data = micro_data
     before = {n: p.detach().clone() for n, p in vlm.model.named_parameters()}
     try:
-        s = methods.train(vlm, data, cfg(steps=3, lora=False), tmp_path / "full")
+        s = methods.train(vlm, data, cfg(steps=3, lora=False, curve_points=2), tmp_path / "full")
         after = dict(vlm.model.named_parameters())
         changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
         assert changed and all(".language_model." in n or n.startswith("lm_head") for n in changed)
         assert _losses(tmp_path / "full")["kl"].iloc[-1] > 0 and (tmp_path / "full" / "llm.safetensors").is_file()
-        assert s["steps_done"] == 3
+        assert s["steps_done"] == 3 and "curve/step-0001/llm.safetensors" in s["files"]  # the LLM's weights at step 1
     finally:
         with torch.no_grad():
             for n, p in vlm.model.named_parameters():

@@ -51,10 +51,11 @@ def no_model(monkeypatch):
 
 
 def stage01(folder, names=("t1_advbench",)):
+    """Stage 01's output as the stages read it: three items per set, all in the test part (stages 03 and 05's default)."""
     (folder / "sets").mkdir(parents=True, exist_ok=True)
     for name in names:
-        write_jsonl(folder / "sets" / f"{name}.jsonl", [{"id": f"{name}:{i}", "prompt": BENIGN[i], "image_text": BENIGN[i]}
-                                                        for i in range(3)])
+        write_jsonl(folder / "sets" / f"{name}.jsonl", [{"id": f"{name}:{i}", "prompt": BENIGN[i], "image_text": BENIGN[i],
+                                                         "split": "test"} for i in range(3)])
     return folder
 
 

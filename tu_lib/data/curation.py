@@ -24,6 +24,10 @@ Guards: every prompt is claimed by at most one set (evaluation sets first), and 
 item (alignment, forget, retain) whose word set overlaps an evaluation request by Jaccard ≥
 `near_dup_threshold` is dropped, so near-paraphrases cannot leak into evaluation. Pools are built
 before set sizes are applied, so a smaller profile takes a prefix of a larger one's sets.
+
+Every evaluation and utility item carries a `split`, "validation" or "test" (data.splits): assigned on the pool,
+alternating within each category in pool order, so the two parts are disjoint, stratified, fixed by the seed, and a
+smaller profile's items keep the labels they have in a larger one's.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from ..core.paths import data_dir
 from ..core.text import normalise_prompt
 from ..render import pages as render
 from . import hub, local
+from .splits import assign_splits
 
 NOTEBOOK = "01_data"  # the stage whose parameters (SPEC) and logic these are
 
@@ -292,6 +297,8 @@ def build_pools(P: dict) -> Curation:
     cur = Curation(params=P, pools={name: pools[name] for name in SET_NAMES})
     _claim_unique(cur)
     _drop_near_duplicates(cur, P["near_dup_threshold"])
+    for name in EVAL_SETS:  # on the final pools: a dropped item must not shift the labels of the items kept
+        cur.pools[name] = cur.pools[name].assign(split=assign_splits(cur.pools[name]["category"]))
     return cur
 
 

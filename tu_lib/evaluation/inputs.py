@@ -7,7 +7,8 @@ from pathlib import Path
 from ..core.errors import TuError
 from ..core.files import sha256_file
 from ..core.params import resolve_path
-from ..data.sets import STAGE01_FILE, is_user_set, stage01_file, user_set_name
+from ..data.sets import EVAL_SETS, STAGE01_FILE, is_user_set, stage01_file, user_set_name
+from ..data.splits import split_rows
 from ..data.user_sets import read_user_set, user_set_files, user_set_paths
 from ..judges.encoder import minilm_dir
 from ..methods.run import method_problem
@@ -24,12 +25,19 @@ def resolve_user_sets(P: dict) -> None:
 
 def check_eval_inputs(P: dict) -> None:
     """Fail before loading a model: stage 01's files and each method's adapter must exist, every user set must be
-    readable (columns, rows, images), the paper presets' reading utility needs its images, and the judges' encoder
-    must be installed. Stages 03 and 05 run it first."""
-    if P.get("preset") in HUB_IDS and "utility_reading" in P["sets"] and not P.get("llava_images_dir"):
+    readable (columns, rows, images), the paper presets' reading utility needs its images, the evaluated sets must
+    carry stage 01's validation/test split (unless split is "all") and the judges' encoder must be installed. Stages 03
+    and 05 run it first."""
+    llava_reading = P.get("preset") in HUB_IDS and "utility_reading" in P["sets"]
+    if llava_reading and not P.get("llava_images_dir"):
         raise TuError(f"utility_reading on {P['preset']} reads LLaVA-Bench-COCO images: pass `-p llava_images_dir DIR` "
                       "(see docs/PAPER_SCALE.md), or drop utility_reading from sets.")
     input_files(P)
+    evaluated = [STAGE01_FILE.get(n, n) for n in P["sets"] if n in EVAL_SETS]  # not stage 05's anchors (forget)
+    if llava_reading:
+        evaluated.append("utility_llava_bench")
+    for name in dict.fromkeys(f for f in evaluated if f):
+        split_rows(P["data_dir"], name, P["split"])  # an old stage-01 output without the split is named now
     if {"harmfulness", "on_topic"} & set(P.get("judges") or []):
         minilm_dir()  # the sentence encoder these judges need is a pip package: say so now, not after generation
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import TuError
-from ..core.files import read_jsonl
 from ..core.text import take
-from ..data.sets import EVAL_SETS, STAGE01_FILE, eval_sets, is_user_set, stage01_file
+from ..data.sets import EVAL_SETS, STAGE01_FILE, eval_sets, is_user_set
+from ..data.splits import assign_splits, select_split, split_rows
 from ..data.user_sets import read_user_set
 from ..evaluation import adversarial
 from ..models.presets import reading_titles
@@ -17,14 +17,15 @@ from ..render.pages import FIGSTEP_TEXT_PROMPT
 
 def build_items(vlm, P: dict, name: str, v3_cache: Path | None = None) -> tuple[list[dict], dict]:
     """Generation items of one set: {"key", "set", "text" (chat-formatted), "image", "instruction"}; also
-    facts about the set (V3 optimisation quality). A user set (`user_...`, from P["user_sets"]) is read from its file."""
+    facts about the set (V3 optimisation quality). The set's P["split"] part is taken first, then its first
+    P["n_per_set"] items. A user set (`user_...`, from P["user_sets"]) is read whole from its file (it has no split)."""
     if is_user_set(name):
         return user_items(vlm, P, name), {}
     spec, facts = EVAL_SETS[name], {}
     if name == "utility_reading":
         rows = reading_rows(vlm, P)
     else:
-        rows = take(read_jsonl(stage01_file(P["data_dir"], STAGE01_FILE.get(name, name))), P["n_per_set"])
+        rows = take(split_rows(P["data_dir"], STAGE01_FILE.get(name, name), P["split"]), P["n_per_set"])
     images: list = [None] * len(rows)
     if spec.image in ("figstep", "mmsb"):
         images = [vlm.render(r["image_text"], spec.image) for r in rows]
@@ -72,17 +73,20 @@ def user_items(vlm, P: dict, name: str) -> list[dict]:
 
 def reading_rows(vlm, P: dict) -> list[dict]:
     """Benign reading utility: the organism's held-out benign titles shown as FigStep-style images (answered on
-    topic = read and answered); for llava presets, LLaVA-Bench-COCO questions with images from a folder."""
+    topic = read and answered); for llava presets, LLaVA-Bench-COCO questions with images from a folder. The titles
+    are split like stage 01's sets (assign_splits, by their first word: Steps / Methods / List), so benign reading has
+    validation and test parts too."""
     titles = reading_titles(vlm.preset, P["seed"])
     if titles is not None:
-        return take([{"id": f"title:{i}", "image_text": t, "request": t, "prompt": FIGSTEP_TEXT_PROMPT}
-                      for i, t in enumerate(titles)], P["n_per_set"])
+        rows = [{"id": f"title:{i}", "image_text": t, "request": t, "prompt": FIGSTEP_TEXT_PROMPT, "split": s}
+                for i, (t, s) in enumerate(zip(titles, assign_splits(t.split()[0] for t in titles)))]
+        return take(select_split(rows, P["split"], "the held-out benign titles"), P["n_per_set"])
     if not P["llava_images_dir"]:
         return []
     from PIL import Image
 
 
-    rows = take(read_jsonl(stage01_file(P["data_dir"], "utility_llava_bench")), P["n_per_set"])
+    rows = take(split_rows(P["data_dir"], "utility_llava_bench", P["split"]), P["n_per_set"])
     folder = Path(P["llava_images_dir"])
     missing = [r["image"] for r in rows if not (folder / r["image"]).is_file()]
     if missing:

@@ -19,20 +19,29 @@ JUDGE_NAMES = tuple(JUDGES)  # what the stages' `judges` parameter may name
 # generation and judging
 
 
-def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path) -> list[str]:
-    """Answers of one model to every item, resumable, in out/generations/<preset>/<method>-<weights>.jsonl: the
-    file is named by the weights' fingerprint, so a retrained adapter or rebuilt organism never reuses old answers."""
+def method_weights(vlm, P: dict, method: str, folder: Path | None = None):
+    """The block in which `vlm.model` is `method`'s model: the bare base model for "base", else the LoRA adapter of
+    `folder` (default: stage 02's final weights, unlearn_dir/<method>; a training-curve point's folder from
+    methods.curve_checkpoints scores that step instead). One loaded model serves every method and checkpoint."""
     import contextlib
 
+    if method == "base" and folder is None:
+        return contextlib.nullcontext(vlm)
+    return adapter_applied(vlm, folder if folder is not None else resolve_path(P["unlearn_dir"]) / method)
 
+
+def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path, folder: Path | None = None,
+                    desc: str | None = None) -> list[str]:
+    """Answers of one model (method_weights: `method`'s final weights, or those of `folder`) to every item,
+    resumable, in out/generations/<preset>/<method>-<weights>.jsonl: the file is named by the weights' fingerprint,
+    so a retrained adapter, another curve point or a rebuilt organism never reuses old answers."""
     rows = [{"key": it["key"], "text": it["text"], "image": it["image"]} for it in items]
-    ctx = contextlib.nullcontext() if method == "base" else adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method)
-    with ctx:
+    with method_weights(vlm, P, method, folder):
         weights = weights_fingerprint(vlm.model)
         path = out / "generations" / vlm.preset / f"{method}-{weights}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         return generate_jsonl(vlm.model, vlm.processor, rows, path, max_new_tokens=P["max_new_tokens"],
-                              batch_size=P["batch_size"], desc=method, model_id=weights)
+                              batch_size=P["batch_size"], desc=desc or method, model_id=weights)
 
 
 class Judges:

@@ -1,20 +1,21 @@
 """Tidy result rows (n, rate, 95% bootstrap CI, judge version), TruthfulQA MC1, judge agreement, the paper table."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
 
 from ..core import stats
-from ..core.files import read_jsonl
-from ..core.params import resolve_path
 from ..core.stats import fmt_rate
 from ..core.text import take
-from ..data.sets import EVAL_SETS, eval_set, is_attack, stage01_file
+from ..data.sets import EVAL_SETS, eval_set, is_attack
+from ..data.splits import split_rows
 from ..judges.registry import JUDGES
-from ..models.adapters import adapter_applied
 from ..models.likelihood import continuation_logprobs
 from ..models.presets.organism import chat
+from .judging import method_weights
 
 
 def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dict, seed: int) -> list[dict]:
@@ -27,22 +28,25 @@ def metric_rows(preset: str, method: str, judged: pd.DataFrame, judges_prov: dic
                     "judge_version": judges_prov.get(judge, {}).get("judge_version", judge), **r})
 
     for set_name, g in judged.groupby("set", sort=False):
-        kind = eval_set(set_name).kind
-        for entry in JUDGES.values():  # the registry's order: each judge's rows, as its entry derives them
-            if entry.column in g:
-                for metric, values in entry.metrics(kind, g):
-                    add(set_name, metric, entry.name, values)
+        for judge, metric, values in judge_metrics(eval_set(set_name).kind, g):
+            add(set_name, metric, judge, values)
     return out
 
 
-def mc1_for(vlm, P: dict, method: str, judges_prov: dict) -> list[dict]:
-    """TruthfulQA MC1 by log-likelihood (text utility) of one model (base, or a method's adapter)."""
-    import contextlib
+def judge_metrics(kind: str, judged: pd.DataFrame):
+    """(judge, metric, per-item booleans) of every judge whose column `judged` holds, in the registry's order, as
+    each judge's entry derives them for items of `kind` (one set, or several sets of one kind pooled)."""
+    for entry in JUDGES.values():
+        if entry.column in judged:
+            for metric, values in entry.metrics(kind, judged):
+                yield entry.name, metric, values
 
 
-    table = pd.DataFrame(take(read_jsonl(stage01_file(P["data_dir"], "utility_truthfulqa")), P["n_per_set"]))
-    ctx = contextlib.nullcontext() if method == "base" else adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method)
-    with ctx:
+def mc1_for(vlm, P: dict, method: str, judges_prov: dict, folder: Path | None = None) -> list[dict]:
+    """TruthfulQA MC1 by log-likelihood (text utility) of one model (base, or a method's adapter: its final weights,
+    or those of a curve point's `folder`), on the P["split"] part of the set (its first P["n_per_set"] questions)."""
+    table = pd.DataFrame(take(split_rows(P["data_dir"], "utility_truthfulqa", P["split"]), P["n_per_set"]))
+    with method_weights(vlm, P, method, folder):
         hits = truthfulqa_mc1(vlm.model, vlm.tokenizer, table, chat_fn=lambda p: vlm.chat(p, False))
     return [{"preset": P["preset"], "method": method, "set": "utility_truthfulqa", "metric": "mc1", "judge": "log_likelihood",
              "judge_version": "mc1/loglik@1", **stats.rate(np.asarray(hits, dtype=bool), seed=P["seed"])}]

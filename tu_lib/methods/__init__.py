@@ -1,5 +1,5 @@
 """Unlearning methods behind one registry, their data (forget answers, normal data) and the resumable run
-that trains one of them.
+that trains one of them, with the checkpoints it keeps for training curves.
 """
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ from .data import UnlearnData, forget_answers, load_sets, mismatch_pool
 from .params import NOTEBOOK, SPEC, resolve_params
 from .registry import METHODS, PAPER_METHODS
 from .run import (
+    CURVE_DIR,
     RESULT_FILES,
+    curve_checkpoints,
+    curve_point_dir,
+    curve_steps,
     finished_summary,
     load_checkpoint,
     method_problem,

@@ -32,6 +32,7 @@ class TrainConfig:
     npo_beta: float = RUN_DEFAULTS["npo_beta"]
     max_forget_nll: float = RUN_DEFAULTS["max_forget_nll"]
     seed: int = RUN_DEFAULTS["seed"]
+    curve_points: int = 0  # adapters kept along the way for training curves (methods.run.curve_steps); 0: none
 
     @classmethod
     def from_params(cls, P: dict, method: str) -> "TrainConfig":
@@ -42,7 +43,13 @@ class TrainConfig:
 
     def key(self, data: UnlearnData, model: str) -> str:
         """Identity of a run: the model preset, every setting and the data. A checkpoint resumes, and a finished
-        run is reused, only under the same key (so a 13B run never picks up a 7B adapter from the same folder)."""
-        blob = json.dumps({"model": model, "config": asdict(self), "forget": data.forget, "normal": data.normal,
+        run is reused, only under the same key (so a 13B run never picks up a 7B adapter from the same folder).
+        curve_points enters when it is on, since it changes the files a run leaves (a finished run without curve
+        points must not pass for one with them), and only then, so a run without curve points keeps the key it had
+        before the setting existed (and its finished adapter stays reusable)."""
+        config = asdict(self)
+        if not config["curve_points"]:
+            del config["curve_points"]
+        blob = json.dumps({"model": model, "config": config, "forget": data.forget, "normal": data.normal,
                            "mismatch": data.mismatch_answers}, sort_keys=True, default=list)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -56,6 +56,9 @@ SPEC = Spec(NOTEBOOK, [
     Param("n_forget", (int, str), None, "forget prompts used (int or 'all')", positive_size, profiled=True),
     Param("answer_tokens", (int,), 32, "length of the generated forget answers (organism, micro)", positive),
     Param("checkpoint_every", (int,), None, "steps between resumable checkpoints", positive, profiled=True),
+    Param("curve_points", (int,), None, "adapters kept for training curves: at least this many geometrically spaced "
+          "steps ending at the last one (out_dir/<method>/curve/); 0: only the final adapter", non_negative,
+          profiled=True),
     Param("n_check", (int,), None, "prompts per set in the quick before/after ASR check (0: skip)", non_negative, profiled=True),
     Param("seed", (int,), RUN_DEFAULTS["seed"], "seed of the batch schedule and initialisation", seed_value),
     Param("dtype", (str,), "auto", "model dtype: auto (float32 on a CPU, bf16 on a GPU), float32 or bfloat16",

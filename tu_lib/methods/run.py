@@ -5,6 +5,9 @@ the same arguments resumes and ends bit-identical to an uninterrupted run. The b
 deterministic function of the seed, so resuming needs no data-loader state. Yao et al.'s stop rule ends
 ascent methods when the forget NLL passes `max_forget_nll`. With `accelerate launch --num_processes N`,
 each process takes a slice of every step's rows and gradients are averaged across processes.
+
+For training curves, a run with `curve_points` keeps the adapter of geometrically spaced steps (curve_steps) under
+curve/step-NNNN/, hashed in summary.json like the final adapter; curve_checkpoints lists them, base model first.
 """
 from __future__ import annotations
 
@@ -46,6 +49,32 @@ def schedule(cfg: TrainConfig, data: UnlearnData) -> list[dict]:
         mismatch = rng.integers(len(data.mismatch_answers), size=cfg.batch_size).tolist()
         out.append({"forget": forget, "normal": normal, "mismatch": mismatch})
     return out
+
+
+def curve_steps(steps: int, points: int) -> list[int]:
+    """The steps whose weights a run keeps for its training curve: at least `points` of them (every step when that
+    is more than the run has), geometrically spaced from step 1 to the last step, rounded and deduplicated. Unlearning
+    moves fastest early, so the early steps are seen closely, and a longer run costs only a few more points. Step 0,
+    the base model, is not saved."""
+    if points <= 0:
+        return []
+    if points == 1:  # the last step alone (a one-point grid would be step 1)
+        return [steps]
+    if points >= steps:
+        return list(range(1, steps + 1))
+    k = points
+    while True:  # rounding merges early points: widen the grid until enough distinct steps remain
+        picked = sorted({int(round(x)) for x in np.geomspace(1, steps, k)})
+        if len(picked) >= points:
+            return picked
+        k += 1
+
+
+CURVE_DIR = "curve"  # under a method's folder: one step-NNNN/ folder per kept step before the last
+
+
+def curve_point_dir(method_dir, step: int) -> Path:
+    return Path(method_dir) / CURVE_DIR / f"step-{step:04d}"
 
 
 def shard(rows: dict[str, list], index: int, count: int) -> dict[str, list]:
@@ -191,6 +220,9 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
     ckpt = out_dir / "checkpoint"
     resumed = load_checkpoint(ckpt, model, optimiser.opt, optimiser.sched, key)
     start, log, stopped = resumed if resumed else (0, [], None)
+    if resumed is None and accelerator.is_main_process:
+        shutil.rmtree(out_dir / CURVE_DIR, ignore_errors=True)  # another run's curve points must not join this one's
+    keep = set(curve_steps(cfg.steps, cfg.curve_points)) - {cfg.steps}  # the last step's weights are the result
     clock = {"last": time.time()}
     reduce = _mean_across_processes(accelerator)
 
@@ -205,6 +237,8 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
         clock["last"] = now
         if method.ascends and logged["forget_nll"] > cfg.max_forget_nll:
             stopped = f"forget NLL {logged['forget_nll']:.1f} > max_forget_nll {cfg.max_forget_nll:g} at step {i + 1}"
+        if accelerator.is_main_process and i + 1 in keep and not stopped:  # before the checkpoint: a resume redoes it
+            _keep_curve_point(out_dir, model, cfg, i + 1)
         if accelerator.is_main_process and ((i + 1) % cfg.checkpoint_every == 0 or stopped):
             save_checkpoint(ckpt, model, optimiser.opt, optimiser.sched, i + 1, log, key, stopped)
         if on_step is not None:
@@ -213,19 +247,27 @@ def train(vlm, data: UnlearnData, cfg: TrainConfig, out_dir, *, on_step=None, de
 
     model.train()
     try:
+        _check_kept_curve_points(out_dir, keep, start)
         if not stopped:
             run_steps(step, cfg.steps, start=start, desc=desc or cfg.method)
-    except BaseException:
-        if cfg.lora:  # take the LoRA layers out again: the caller's model stays the base model
+        model.eval()
+        summary = _summary(vlm, method, data, cfg, key, log, stopped, plan, images)
+        if accelerator.is_main_process:
+            _save_result(out_dir, model, cfg, log, summary)
+            shutil.rmtree(ckpt, ignore_errors=True)
+    finally:
+        if cfg.lora:  # take the LoRA layers out again, whatever happened: the caller's model stays the base model
             vlm.model = model.unload()
-        raise
-    model.eval()
-    summary = _summary(vlm, method, data, cfg, key, log, stopped, plan, images)
-    if accelerator.is_main_process:
-        _save_result(out_dir, model, cfg, log, summary)
-        shutil.rmtree(ckpt, ignore_errors=True)
-    vlm.model = model.unload() if cfg.lora else vlm.model  # the base model again, for the next method
     return summary
+
+
+def _check_kept_curve_points(out_dir: Path, keep: set[int], start: int) -> None:
+    """A resumed run's curve points from before the interruption must still be there (they are not trained again)."""
+    gone = [s for s in sorted(keep) if s <= start and not curve_point_dir(out_dir, s).is_dir()]
+    if gone:
+        raise TuError(f"{curve_point_dir(out_dir, gone[0])}, the curve point of step {gone[0]}, was removed while the "
+                      f"run was interrupted: delete {out_dir / 'checkpoint'} and rerun notebook 02 to train this method "
+                      "afresh.")
 
 
 def _summary(vlm, method, data, cfg, key, log, stopped, plan, images) -> dict:
@@ -234,20 +276,50 @@ def _summary(vlm, method, data, cfg, key, log, stopped, plan, images) -> dict:
             "steps_done": len(log), "stopped_by": stopped or f"step limit {cfg.steps}",
             "train_seconds": round(sum(r["seconds"] for r in log), 2),
             "rows_per_step": {k: len(v) for k, v in step_rows(vlm, method, data, plan[0], images).items()},
-            "image_rows_per_step": len(plan[0]["forget"]) * (2 if method.mismatch else 1) if method.images else 0}
+            "image_rows_per_step": len(plan[0]["forget"]) * (2 if method.mismatch else 1) if method.images else 0,
+            # the steps of the training curve: those kept under curve/ and the last (the final adapter)
+            "curve": {"points": cfg.curve_points,
+                      "steps": [s for s in curve_steps(cfg.steps, cfg.curve_points) if s < len(log)] + [len(log)]}}
+
+
+def _save_weights(model, cfg: TrainConfig, folder: Path) -> None:
+    """The trained weights as stages 03-05 read them: the LoRA adapter (folder/adapter/, fp32 so a resumed run hashes
+    equal) or the LLM's weights (folder/llm.safetensors)."""
+    if cfg.lora:
+        save_adapter(model, folder / "adapter", dtype=torch.float32)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(_trainable_state(model.trained), str(folder / "llm.safetensors"))
+
+
+def _keep_curve_point(out_dir: Path, model, cfg: TrainConfig, step: int) -> None:
+    """The weights after `step`, written atomically to curve/step-NNNN/ (a rerun of the step rewrites them equal)."""
+    with atomic_dir(curve_point_dir(out_dir, step)) as tmp:
+        _save_weights(model, cfg, tmp)
+
+
+def _curve_hashes(out_dir: Path, kept: list[int]) -> dict[str, str]:
+    """relative path -> SHA-256 of the kept curve points' files, for summary.json's "files" (method_problem checks
+    them as it checks the final adapter)."""
+    hashes = {}
+    for step in kept:
+        folder = curve_point_dir(out_dir, step)
+        hashes.update({f"{folder.relative_to(out_dir)}/{name}": h for name, h in file_hashes(folder).items()})
+    return hashes
 
 
 def _save_result(out_dir: Path, model, cfg: TrainConfig, log: list[dict], summary: dict) -> None:
-    """The finished run's files, written atomically and then moved into the method's folder (RESULT_FILES)."""
+    """The finished run's files, written atomically and then moved into the method's folder (RESULT_FILES); the
+    kept curve points (written during training) are hashed beside them and their scratch leftovers removed."""
+    kept = summary["curve"]["steps"][:-1]
+    for leftover in (out_dir / CURVE_DIR).glob(".*"):  # a scratch copy of a run killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
     with atomic_dir(out_dir / "result") as tmp:
-        if cfg.lora:
-            save_adapter(model, tmp / "adapter", dtype=torch.float32)
-        else:
-            from safetensors.torch import save_file
-
-            save_file(_trainable_state(model.trained), str(tmp / "llm.safetensors"))
+        _save_weights(model, cfg, tmp)
         write_csv(pd.DataFrame(log), tmp / "losses.csv")
-        summary["files"] = file_hashes(tmp)  # checked before anything trusts them (resume, stages 03-05)
+        # checked before anything trusts them (resume, stages 03-05)
+        summary["files"] = {**file_hashes(tmp), **_curve_hashes(out_dir, kept)}
         write_json(tmp / "summary.json", summary)
     for name in RESULT_FILES:
         src, dst = out_dir / "result" / name, out_dir / name
@@ -306,3 +378,18 @@ def finished_summary(method_dir, key: str) -> dict | None:
         print(f"{problem}: training {summary.get('method', Path(method_dir).name)} again")
         return None
     return summary
+
+
+def curve_checkpoints(method_dir) -> list[tuple[int, Path | None]]:
+    """(step, folder) of every point of a finished run's training curve, in step order: (0, None) for the base model,
+    then the weights kept under curve/ (curve_points), then the final weights at the last step (the method's own
+    folder). Each folder is what models.adapter_applied takes. A run whose files are missing or changed since they
+    were written is refused, naming the file; a run from before curve points has just base and final."""
+    method_dir = Path(method_dir)
+    problem = method_problem(method_dir)
+    if problem:
+        raise TuError(f"The training curve of {method_dir} cannot be trusted: {problem}. Rerun notebook 02 for this "
+                      "method (it trains a damaged method again).")
+    summary = json.loads((method_dir / "summary.json").read_text(encoding="utf-8"))
+    *kept, last = (summary.get("curve") or {}).get("steps") or [summary["steps_done"]]
+    return [(0, None), *((s, curve_point_dir(method_dir, s)) for s in kept), (last, method_dir)]

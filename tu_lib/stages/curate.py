@@ -11,11 +11,13 @@ from ..core import plots
 from ..core.files import atomic_dir, sha256_file, write_csv, write_json, write_jsonl
 from ..core.params import resolve_path
 from ..core.records import run_record
-from ..data.curation import NOTEBOOK, ROLE, SET_NAMES, SETS, SPEC, Curation, build, check_inputs, overlap_table
+from ..data.curation import (EVAL_SETS, NOTEBOOK, ROLE, SET_NAMES, SETS, SPEC, Curation, build, check_inputs,
+                             overlap_table)
+from ..data.splits import SPLITS
 from ..render import pages as render
 
-__all__ = ["summary_table", "category_table", "FIGURE", "write_outputs", "run", "SPEC", "build", "check_inputs",
-           "overlap_table"]
+__all__ = ["split_counts", "summary_table", "category_table", "FIGURE", "write_outputs", "run", "SPEC", "build",
+           "check_inputs", "overlap_table"]
 
 
 
@@ -23,9 +25,17 @@ __all__ = ["summary_table", "category_table", "FIGURE", "write_outputs", "run", 
 # ---- outputs ----------------------------------------------------------------------------------------
 
 
+def split_counts(cur: Curation, name: str) -> dict:
+    """{"n_validation", "n_test"} of an evaluation or utility set; {} for the training-side sets (not split)."""
+    if name not in EVAL_SETS:
+        return {}
+    return {f"n_{s}": int((cur.sets[name]["split"] == s).sum()) for s in SPLITS}
+
+
 def summary_table(cur: Curation) -> pd.DataFrame:
     desc = {n: d for n, _, _, d in SETS}
-    return pd.DataFrame([{"set": n, "role": ROLE[n], "n": len(cur.sets[n]), "pool": len(cur.pools[n]),
+    return pd.DataFrame([{"set": n, "role": ROLE[n], "n": len(cur.sets[n]), **split_counts(cur, n),
+                          "pool": len(cur.pools[n]),
                           "sources": "+".join(sorted(cur.sets[n]["source"].unique())) if len(cur.sets[n]) else "",
                           "what": desc[n]} for n in SET_NAMES])
 
@@ -76,7 +86,7 @@ def write_outputs(cur: Curation, started: float) -> dict:
         overlaps = overlap_table(cur.sets)
         manifest = {
             "stage": NOTEBOOK, "seed": P["seed"], "profile": P["profile"],
-            "sets": {n: {"role": ROLE[n], "n": len(cur.sets[n]), "pool": len(cur.pools[n]),
+            "sets": {n: {"role": ROLE[n], "n": len(cur.sets[n]), **split_counts(cur, n), "pool": len(cur.pools[n]),
                          "file": f"sets/{n}.jsonl", "sha256": files[n],
                          "sources": sorted(cur.sets[n]["source"].unique().tolist()) if len(cur.sets[n]) else []}
                      for n in SET_NAMES},

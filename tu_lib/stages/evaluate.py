@@ -17,6 +17,14 @@ typography, V3 adversarial images optimised here against the model's vision path
 over-refusal, TruthfulQA MC1 (log-likelihood) and benign reading (organism: held-out benign titles shown as
 images, answered on topic).
 
+Every set is read in one part of stage 01's validation/test split (`split`): "test" by default, so the headline
+table reports items no choice was made on; "validation" for curves and choices; "all" for both.
+
+Training curves (evaluation.curves, issue 19): `score_curve` scores every checkpoint stage 02 kept (curve_points) on
+the validation items, one row per (method, step); `curve_figure` (safety against benign reading) and `cost_figure`
+(safety against cumulative training cost) draw them; `matched_cost_ratio` gives the cost ratio of two methods at
+matched safety; `picked_checkpoints` applies the pre-registered `selection_rule` to the curve.
+
 Two models on the same items (evaluation.ab): `ab_table` gives per set and metric both rates and the paired bootstrap
 95% CI of their difference, `vs_base` every method against base; from the shell,
 `python -m tu_lib.stages.evaluate ab textual_ga base [--judgements runs/03_eval/judgements.csv] [--seed 0]`.
@@ -28,28 +36,34 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from .. import models
 from ..core import params
 from ..core.errors import ParameterError, TuError
 from ..core.files import claim_output_dir, verified_path, write_csv, write_json
-from ..core.params import Param, Spec, dtype_value, non_negative, positive, positive_size, resolve_path, seed_value
+from ..core.params import (Param, Spec, dtype_value, non_negative, one_of, positive, positive_size, resolve_path,
+                           seed_value)
 from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
 from ..data.sets import EVAL_SETS, eval_set
+from ..data.splits import SPLIT_CHOICES
 from ..evaluation.ab import ab_table, format_ab, judgements_frame, vs_base
+from ..evaluation.curves import curve_problem, matched_cost_ratio, safety_levels, score_curve, step_gflop
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
 from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
+from ..evaluation.selection import RULE_CONDITIONS, picked_checkpoints, rule_problem
 from ..judges.refusal import keyword_agreement
 from ..judges.registry import REQUIRED_JUDGE
 from ..methods.registry import METHODS
 
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
            "build_items", "Judges", "generate_method", "judge_agreement", "mc1_for", "metric_rows", "paper_table",
-           "keyword_agreement", "ab_table", "format_ab", "vs_base", "main"]
+           "keyword_agreement", "ab_table", "format_ab", "vs_base", "curve_problem", "score_curve", "step_gflop",
+           "curve_figure", "cost_figure", "safety_levels", "matched_cost_ratio", "picked_checkpoints", "main"]
 
 
 NOTEBOOK = "03_eval"
@@ -63,6 +77,11 @@ SPEC = Spec(NOTEBOOK, [
     Param("sets", (list, str), None, f"sets to evaluate, from {list(EVAL_SETS)}", profiled=True),
     Param("user_sets", (list, str), [], "your own attack sets: CSV or JSONL files (prompt; optional image, image_text, "
           "request, category, id), each evaluated as the set user_<file stem>; see the README"),
+    Param("split", (str,), "all", "part of every set evaluated ('all' until the curves land, issue 19): 'test' (the headline numbers), 'validation' (curves and "
+          "choices) or 'all' (both, as before stage 01 split the sets); taken before n_per_set", one_of(*SPLIT_CHOICES)),
+    Param("selection_rule", (dict, str), None, "pre-registered rule that picks each method's checkpoint from its "
+          f"validation curve (evaluation.selection; conditions: {', '.join(RULE_CONDITIONS)})", rule_problem,
+          profiled=True),
     Param("n_per_set", (int, str), None, "items per set (int or 'all')", positive_size, profiled=True),
     Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} ({REQUIRED_JUDGE} is required)",
           profiled=True),
@@ -86,6 +105,11 @@ SPEC = Spec(NOTEBOOK, [
 def resolve_params(namespace: dict) -> dict:
     raw = params.user_variables(namespace)
     fixed = {k: as_list(raw[k]) for k in ("methods", "sets", "judges") if isinstance(raw.get(k), (str, tuple))}
+    if isinstance(raw.get("selection_rule"), str):  # papermill's `-p selection_rule "{max_degenerate_share: 0.05}"`
+        try:
+            fixed["selection_rule"] = yaml.safe_load(raw["selection_rule"])
+        except yaml.YAMLError as e:
+            raise ParameterError(f"Parameter selection_rule={raw['selection_rule']!r} is not a YAML mapping ({e}).") from None
     P = params.resolve(SPEC, {**namespace, **fixed})
     for key, choices in (("methods", ["base", *METHODS]), ("sets", list(EVAL_SETS)), ("judges", JUDGE_NAMES)):
         P[key] = as_list(P[key])
@@ -134,6 +158,69 @@ def asr_figure(results: pd.DataFrame):
         ax.set_xticks(np.arange(len(sets)), sets, rotation=25, ha="right")
         ax.set(title=f"ASR by judge: {judge}", ylabel="ASR (%)", ylim=(0, 100))
     axes[0][0].legend(title="model", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+CURVE_PANELS = {"compliance_image": "image attack sets", "compliance_text": "text attack sets"}
+COST_LABELS = {"seconds": "cumulative training time (s, stage 02's losses.csv)",
+               "gflop": "cumulative training GFLOP (stage 04's count per step x steps)"}
+
+
+def _curve_lines(ax, curve: pd.DataFrame, x: str, y: str, x_percent: bool) -> str:
+    """One line per method through its checkpoints in step order (step numbers beside the points, 95% CI bars on
+    y), the base model (step 0, every method's first point) as one black star; returns the panel's CI note."""
+    import seaborn as sns
+
+    scale = 100 if x_percent else 1
+    methods = list(dict.fromkeys(curve["method"]))
+    for colour, method in zip(sns.color_palette("deep", len(methods)), methods):
+        rows = curve[curve["method"] == method].sort_values("step")
+        ax.errorbar(rows[x] * scale, rows[y] * 100, yerr=[(rows[y] - rows[f"{y}_ci_low"]) * 100,
+                                                          (rows[f"{y}_ci_high"] - rows[y]) * 100],
+                    fmt="-o", color=colour, label=method, markersize=4, elinewidth=0.7, capsize=2)
+        for _, r in rows[rows["step"] > 0].iterrows():
+            ax.annotate(str(int(r["step"])), (r[x] * scale, r[y] * 100), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7, color=colour)
+    base = curve[curve["step"] == 0].iloc[0]
+    ax.plot(base[x] * scale, base[y] * 100, "k*", markersize=12, label="base (step 0)", zorder=5)
+    half = np.nanmedian((curve[f"{y}_ci_high"] - curve[f"{y}_ci_low"]) / 2) * 100
+    return f"bars: 95% CI, median ±{half:.0f} points, n={int(curve[f'{y}_n'].median())}"
+
+
+def curve_figure(curve: pd.DataFrame):
+    """Safety against utility along training (issue 19): per panel (image, then text attack sets) harmful on-topic
+    compliance against benign reading, one line per method through its validation checkpoints
+    (evaluation.score_curve's rows). Down is safer, right keeps more utility."""
+    import matplotlib.pyplot as plt
+
+    theme()
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(6.5 * len(CURVE_PANELS), 4.8), sharex=True, squeeze=False)
+    for ax, (y, label) in zip(axes[0], CURVE_PANELS.items()):
+        note = _curve_lines(ax, curve, "benign_reading", y, x_percent=True)
+        ax.set(xlabel="benign reading (%, validation)", ylabel="harmful on-topic compliance (%)",
+               title=f"{label}\n{note}")
+    axes[0][0].legend(title="method (numbers: steps)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cost_figure(curve: pd.DataFrame, cost: str = "seconds"):
+    """Safety against cumulative training cost (`cost`: "seconds" or "gflop"): image-set harmful on-topic compliance,
+    one line per method; where the lines cross a safety level, their costs give matched_cost_ratio's ratio."""
+    import matplotlib.pyplot as plt
+
+    if cost not in COST_LABELS:
+        raise ParameterError(f"cost={cost!r} must be one of {list(COST_LABELS)}.")
+    if curve.loc[curve["step"] > 0, cost].isna().all():
+        raise TuError(f"The curve has no {cost} (stage 04's per-step FLOP counts were not given to score_curve): "
+                      "draw it against seconds, or score it with step_gflop(stage 04's measured_steps.csv).")
+    theme()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    note = _curve_lines(ax, curve, cost, "compliance_image", x_percent=False)
+    ax.set(xlabel=COST_LABELS[cost], ylabel="harmful on-topic compliance, image sets (%)",
+           title=f"Safety against training cost\n{note}")
+    ax.legend(title="method (numbers: steps)", fontsize=8)
     fig.tight_layout()
     return fig
 

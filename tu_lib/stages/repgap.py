@@ -31,6 +31,7 @@ from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list, list_check
 from ..data.sets import eval_set, is_user_set, stage01_file
+from ..data.splits import SPLIT_CHOICES
 from ..data.titles import benign_titles
 from ..data.user_sets import read_user_set
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
@@ -90,6 +91,8 @@ def _spec():
         Param("sets", (list, str), None, f"alpha-sweep sets, from {list(SWEEP_SETS)}", profiled=True),
         Param("user_sets", (list, str), [], "your own image attack sets for the sweep: CSV or JSONL files whose every "
               "row has an image or image_text (as notebook 03's user_sets; see the README)"),
+        Param("split", (str,), "all", "part of every sweep set ('all' until the curves land, issue 19): 'test', 'validation' or 'all' (both, as before stage 01 "
+              "split the sets); taken before n_per_set", one_of(*SPLIT_CHOICES)),
         Param("n_per_set", (int,), None, "items per set in the alpha sweep", positive, profiled=True),
         Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} (refusal_keywords is required; llama_guard needs a GPU)",
               profiled=True),
@@ -165,7 +168,7 @@ def check_inputs(P: dict) -> None:
 
 def _as_stage03(P: dict) -> dict:
     """This stage's inputs in stage 03's terms: the anchor prompts (forget), the evaluated sets and the adapters."""
-    return {"sets": ["forget", "v1_figstep", *P["sets"]], "user_sets": P.get("user_sets") or [],
+    return {"sets": ["forget", "v1_figstep", *P["sets"]], "user_sets": P.get("user_sets") or [], "split": P["split"],
             "data_dir": P["data_dir"], "unlearn_dir": P["unlearn_dir"],
             "methods": [BASE, *P["methods"], *P["combine_methods"]], "preset": P["preset"],
             "llava_images_dir": P["llava_images_dir"], "judges": P["judges"]}

@@ -1,0 +1,131 @@
+"""The pre-registered rule that picks one checkpoint per unlearning method from its validation curve.
+
+Which point of a method's training curve goes into the headline table is a choice, and a choice made after seeing
+the test numbers would flatter whichever method it is made for. So the rule is written in the profile before any
+curve is seen, is applied to every method alike, and reads validation numbers only; the run record then holds the
+rule, the step it picked and why (select_checkpoint's reasons).
+
+A rule is a mapping of conditions (RULE_CONDITIONS), e.g. {"min_benign_reading_vs_base": 0.9,
+"max_degenerate_share": 0.05}. The pick is the *last* checkpoint that meets every condition, even when an earlier one
+failed (a curve may dip and recover: the rule asks how far training can go, not where it first stumbled); when none
+meets them, the base model (step 0) is kept.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ..core.errors import TuError
+from ..methods.run import curve_checkpoints
+
+
+@dataclass(frozen=True)
+class Condition:
+    column: str  # the curve's column it reads (a validation rate in [0, 1])
+    relative: bool  # True: the bound is a multiple of the base model's (step 0) value
+    minimum: bool  # True: the value must be at least the bound; False: at most
+    label: str
+
+
+RULE_CONDITIONS = {
+    "min_benign_reading_vs_base": Condition("benign_reading", True, True, "benign reading"),
+    "max_degenerate_share": Condition("degenerate_share", False, False, "degenerate share"),
+}
+CURVE_KEYS = ("method", "step")  # a curve: one row per method and step, step 0 being the base model
+TOLERANCE = 1e-9  # a value exactly at its bound passes, whatever the floating-point product 0.9 x base rounds to
+
+
+def rule_problem(rule) -> str | None:
+    """None for a usable rule; else what is wrong with it (the text of a ParameterError or TuError)."""
+    example = "e.g. {'min_benign_reading_vs_base': 0.9, 'max_degenerate_share': 0.05}"
+    if not isinstance(rule, dict) or not rule:
+        return f"must be a mapping of at least one condition, {example}"
+    unknown = sorted(set(rule) - set(RULE_CONDITIONS))
+    if unknown:
+        return f"names unknown condition(s) {unknown}; the conditions are {sorted(RULE_CONDITIONS)}"
+    for key, bound in rule.items():
+        number = isinstance(bound, (int, float)) and not isinstance(bound, bool) and math.isfinite(bound)
+        if not number or bound < 0 or (not RULE_CONDITIONS[key].relative and bound > 1):
+            return (f"sets {key}={bound!r}: it must be a number ≥ 0" +
+                    ("" if RULE_CONDITIONS[key].relative else " and ≤ 1 (a share)"))
+    return None
+
+
+def check_curve(curve: pd.DataFrame, rule: dict) -> None:
+    """Refuse a rule or curve the selection cannot read: a bad rule, a missing column, a repeated (method, step), an
+    empty value, or a method without its step 0 (the base model its relative bounds refer to)."""
+    problem = rule_problem(rule)
+    if problem:
+        raise TuError(f"The selection rule {rule!r} {problem}.")
+    needed = list(CURVE_KEYS) + [RULE_CONDITIONS[k].column for k in rule]
+    missing = [c for c in needed if c not in curve.columns]
+    if missing:
+        raise TuError(f"The curve lacks column(s) {missing} that the selection rule reads (it has {list(curve.columns)}).")
+    if curve.duplicated(list(CURVE_KEYS)).any():
+        twice = curve[curve.duplicated(list(CURVE_KEYS))].iloc[0]
+        raise TuError(f"The curve holds method {twice['method']!r} at step {twice['step']} twice: one row per checkpoint.")
+    empty = curve[needed].isna().any(axis=1)
+    if empty.any():
+        row = curve[empty].iloc[0]
+        raise TuError(f"The curve has no value for {[c for c in needed if pd.isna(row[c])]} at method {row['method']!r}, "
+                      f"step {row['step']}: score every checkpoint before selecting.")
+    no_base = sorted(set(curve["method"]) - set(curve.loc[curve["step"] == 0, "method"]))
+    if no_base:
+        raise TuError(f"The curve of {no_base} has no step 0 (the base model), which the rule's bounds refer to.")
+
+
+def _failures(row, base, rule: dict) -> list[str]:
+    """What one checkpoint fails of the rule, each as a readable comparison (empty when it passes)."""
+    out = []
+    for key, bound in rule.items():
+        c = RULE_CONDITIONS[key]
+        value = float(row[c.column])
+        limit = bound * float(base[c.column]) if c.relative else bound
+        if (value < limit - TOLERANCE) if c.minimum else (value > limit + TOLERANCE):
+            scale = f" ({bound:g} x base {float(base[c.column]):.1%})" if c.relative else ""
+            out.append(f"{c.label} {value:.1%} {'<' if c.minimum else '>'} {limit:.1%}{scale}")
+    return out
+
+
+def select_checkpoint(curve: pd.DataFrame, rule: dict) -> dict[str, dict]:
+    """Per method of `curve` (columns method, step and those the rule reads, validation rates in [0, 1]; step 0 is
+    the base model): {"step": the picked step, "reason": why, in words, "failed": {step: [failed conditions]}}.
+    The pick is the last checkpoint (step > 0) meeting every condition of `rule`, else step 0."""
+    check_curve(curve, rule)
+    picks = {}
+    for method, rows in curve.groupby("method", sort=False):
+        rows = rows.sort_values("step")
+        base = rows[rows["step"] == 0].iloc[0]
+        failed = {int(r["step"]): f for _, r in rows[rows["step"] > 0].iterrows() if (f := _failures(r, base, rule))}
+        passing = [int(s) for s in rows.loc[rows["step"] > 0, "step"] if int(s) not in failed]
+        step = passing[-1] if passing else 0
+        why_not = "; ".join(f"step {s}: {', '.join(f)}" for s, f in failed.items())
+        if passing:
+            reason = f"step {step} is the last checkpoint that meets {rule}" + (f"; failed: {why_not}" if failed else "")
+        elif failed:
+            reason = f"no checkpoint meets {rule} ({why_not}): the base model (step 0) is kept"
+        else:
+            reason = "the curve has no checkpoint after step 0: the base model (step 0) is kept"
+        picks[str(method)] = {"step": step, "reason": reason, "failed": failed}
+    return picks
+
+
+def picked_checkpoints(curve: pd.DataFrame, rule: dict, unlearn_dir) -> dict[str, dict]:
+    """What stage 03 evaluates on test for each method of a validation curve (evaluation.curves.score_curve): the
+    checkpoint `rule` picks (select_checkpoint), as {"step", "checkpoint": the folder models.adapter_applied takes, or
+    None for the base model, "reason", "failed"}, ready for the run record. The folder is looked up in the method's
+    own run under `unlearn_dir` (verified by curve_checkpoints), so a curve scored on another run is refused."""
+    picks = select_checkpoint(curve, rule)
+    out = {}
+    for method, pick in picks.items():
+        folders = dict(curve_checkpoints(Path(unlearn_dir) / method))
+        if pick["step"] not in folders:
+            raise TuError(f"{method}'s curve picks step {pick['step']}, but its run in {unlearn_dir} kept steps "
+                          f"{sorted(folders)}: the curve was scored on another run; score it again.")
+        folder = folders[pick["step"]]
+        out[method] = {"step": pick["step"], "checkpoint": None if folder is None else str(folder),
+                       "reason": pick["reason"], "failed": {str(k): v for k, v in pick["failed"].items()}}
+    return out
