@@ -50,4 +50,4 @@ def finished_method_run(run, preset: str = "organism", weights: bytes | None = N
     (run / "adapter" / "adapter_config.json").write_text("{}")
     (run / "losses.csv").write_text("step\n1\n")
     files = file_hashes(run, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "losses.csv"])
-    (run / "summary.json").write_text(json.dumps({"preset": preset, "files": files}))
+    (run / "summary.json").write_text(json.dumps({"preset": preset, "steps_done": 1, "files": files}))

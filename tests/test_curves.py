@@ -239,3 +239,74 @@ def test_picked_checkpoints_name_the_folder_the_rule_picks(scored):
     moved.loc[(moved["method"] == "textual_ga") & (moved["step"] == 2), "step"] = 3  # not a step this run kept
     with pytest.raises(TuError, match=r"textual_ga's curve picks step 3, but its run .* kept steps \[0, 1, 2, 4\]"):
         evaluate.picked_checkpoints(moved, {"min_benign_reading_vs_base": 0.9}, unlearn_dir)
+
+
+def test_stage03_evaluates_the_pick_a_named_step_or_the_final_weights(scored):
+    _, P, root, curve = scored
+    unlearn_dir = root / "02"
+    shaped = curve.assign(benign_reading=0.8)
+    shaped.loc[(shaped["method"] == "textual_ga") & (shaped["step"] >= 2), "benign_reading"] = 0.1
+    picks = evaluate.evaluated_checkpoints(shaped, {"min_benign_reading_vs_base": 0.9}, ["base", "textual_ga",
+                                           "multimodal_ga"], unlearn_dir)
+    assert {m: p["step"] for m, p in picks.items()} == {"textual_ga": 1, "multimodal_ga": 4}
+    assert evaluate.evaluated_weights(picks, "textual_ga") == ("textual_ga", unlearn_dir / "textual_ga" / "curve" / "step-0001")
+    assert evaluate.evaluated_weights(picks, "base") == ("base", None)
+    # a step named by the `checkpoints` parameter wins, and the rule's own pick stays in the reason
+    named = evaluate.evaluated_checkpoints(shaped, {"min_benign_reading_vs_base": 0.9}, ["textual_ga"], unlearn_dir,
+                                           {"textual_ga": 0})
+    assert named["textual_ga"]["step"] == 0 and "the selection rule picked step 1" in named["textual_ga"]["reason"]
+    assert evaluate.evaluated_weights(named, "textual_ga") == ("base", None)  # step 0 is the base model's answers
+    # no curve: each method's final weights
+    final = evaluate.evaluated_checkpoints(None, {"max_degenerate_share": 0.05}, ["textual_ga"], unlearn_dir)
+    assert final["textual_ga"]["step"] == 4 and final["textual_ga"]["checkpoint"] == str(unlearn_dir / "textual_ga")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("{textual_ga: [1]}", "must map methods to steps"), ({"textual_ga": -1}, "must map methods to steps"),
+    ("textual_ga", "must map methods to steps"), ({"textual_ga": True}, "must map methods to steps")])
+def test_a_malformed_checkpoints_parameter_is_refused(value, message):
+    with pytest.raises(ParameterError, match=message):
+        evaluate.resolve_params({"profile": "smoke", "checkpoints": value})
+
+
+def test_checkpoints_parameter_from_the_command_line_and_a_step_the_run_never_kept(scored):
+    _, P, root, _ = scored
+    Q = evaluate.resolve_params({**{k: P[k] for k in ("profile", "preset", "data_dir", "unlearn_dir")},
+                                 "methods": "base,textual_ga", "checkpoints": "{textual_ga: 2}", "curve_n_per_set": 0})
+    assert Q["checkpoints"] == {"textual_ga": 2}
+    evaluate.check_inputs({**Q, "out_dir": ""})
+    with pytest.raises(TuError, match=r"checkpoints asks for textual_ga at step 3, but its run .* kept steps \[0, 1, 2, 4\]"):
+        evaluate.check_inputs({**Q, "checkpoints": {"textual_ga": 3}, "out_dir": ""})
+    with pytest.raises(TuError, match=r"checkpoints names 'npo', which is not an evaluated method"):
+        evaluate.check_inputs({**Q, "checkpoints": {"npo": 3}, "out_dir": ""})
+
+
+def test_stage05_takes_stage03s_picks_and_refuses_picks_of_another_run(scored, tmp_path):
+    from tu_lib.core import write_json
+    from tu_lib.evaluation.selection import picked_folders
+
+    _, _, root, _ = scored
+    unlearn_dir = root / "02"
+    write_json(tmp_path / "picks.json", {"checkpoints": {
+        "textual_ga": {"step": 2, "checkpoint": str(unlearn_dir / "textual_ga" / "curve" / "step-0002")},
+        "multimodal_ga": {"step": 0, "checkpoint": None}}})
+    assert picked_folders(tmp_path, unlearn_dir, ["textual_ga", "multimodal_ga", "text_sft"]) == {
+        "textual_ga": unlearn_dir / "textual_ga" / "curve" / "step-0002", "multimodal_ga": None,
+        "text_sft": unlearn_dir / "text_sft"}
+    assert picked_folders(None, unlearn_dir, ["textual_ga"]) == {"textual_ga": unlearn_dir / "textual_ga"}
+    with pytest.raises(TuError, match=r"picks textual_ga at .*, outside this stage 02 run"):
+        picked_folders(tmp_path, tmp_path / "another02", ["textual_ga"])
+
+
+def test_costed_curve_takes_stage04s_median_seconds_and_counted_gflop_per_step():
+    per_step = pd.DataFrame({"method": ["multimodal_ga", "textual_ga"], "seconds_median": [6.0, 4.0],
+                             "gflop_per_step": [700.0, 400.0]})
+    costed = curves.costed_curve(BOTH, per_step)
+    mm = costed[costed["method"] == "multimodal_ga"]
+    assert mm["seconds"].tolist() == [0.0, 6.0, 12.0, 24.0, 48.0] and mm["gflop"].tolist() == [0.0, 700.0, 1400.0, 2800.0, 5600.0]
+    assert costed[costed["method"] == "textual_ga"]["gflop"].tolist() == [0.0, 400.0, 800.0, 1600.0, 3200.0]
+    assert costed["compliance_image"].tolist() == BOTH["compliance_image"].tolist()
+    untimed = curves.costed_curve(BOTH, per_step[per_step["method"] == "textual_ga"])
+    assert untimed.loc[(untimed["method"] == "multimodal_ga") & (untimed["step"] > 0), "seconds"].isna().all()
+    with pytest.raises(TuError, match=r"lacks column\(s\) \['gflop_per_step'\]"):
+        curves.costed_curve(BOTH, per_step.drop(columns=["gflop_per_step"]))

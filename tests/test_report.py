@@ -94,6 +94,16 @@ def test_every_committed_figure_csv_has_a_rule_that_names_each_of_its_columns(fo
         assert not rule.skip or rule.why, f"{p.name}: columns left uncompared need their reason"
 
 
+def _zero_row(folder, n=50) -> dict:
+    """The key of a committed 03_eval_asr row at 0% with CI [0, 0] on `n` items (derived, so the tests follow the
+    committed figures when a stage changes them)."""
+    import pandas as pd
+
+    df = pd.read_csv(folder / "03_eval_asr.csv")
+    row = df[(df["rate"] == 0) & (df["ci_high"] == 0) & (df["n"] == n)].iloc[0]
+    return {k: row[k] for k in ("method", "set", "metric", "judge")}
+
+
 def _committed_row(folder, name, match):
     import pandas as pd
 
@@ -169,8 +179,7 @@ def test_compare_reads_git_head_when_the_rerun_overwrote_the_committed_folder(tm
         subprocess.run(["git", *args], cwd=tmp_path, check=True)
     assert report.compare_figures(figs, figs, root=tmp_path)
     assert "(git HEAD)" in capsys.readouterr().out
-    _edit(figs / "03_eval_asr.csv", {"method": "mm_sft", "set": "v1_figstep", "metric": "asr", "judge": "refusal_keywords"},
-          "rate", 0.5)  # the rerun's file on disk; HEAD keeps the committed 0.00 [0.00, 0.00]
+    _edit(figs / "03_eval_asr.csv", _zero_row(figs), "rate", 0.5)  # the rerun's file on disk; HEAD keeps 0.00 [0.00, 0.00]
     assert not report.compare_figures(figs, figs, root=tmp_path)
     assert "rate: committed 0 [0, 0], rerun 0.5 — inside committed 95% CI: OUTSIDE" in capsys.readouterr().out
 
@@ -182,8 +191,9 @@ def test_compare_command_exits_non_zero_when_a_cell_is_outside_and_says_what_to_
     with pytest.raises(SystemExit) as e:
         report.main(["compare", "--rerun", str(rerun), "--committed", str(committed)])
     assert e.value.code == 0
-    _edit(rerun / "05_repgap_alpha.csv", {"panel": "V1 FigStep: ASR (keywords)", "line": "base + CMRM (dataset)", "alpha": 0.0},
-          "rate", 0.8)  # committed 0.50 [0.25, 0.75]
+    key = {"panel": "V1 FigStep: ASR (keywords)", "line": "base + CMRM (dataset)", "alpha": 0.0}
+    row, _ = _committed_row(committed, "05_repgap_alpha", key)
+    _edit(rerun / "05_repgap_alpha.csv", key, "rate", row["ci_high"] + 0.1 if row["ci_high"] <= 0.9 else row["ci_low"] - 0.1)
     with pytest.raises(SystemExit) as e:
         report.main(["compare", "--rerun", str(rerun), "--committed", str(committed), "--outside-only"])
     assert e.value.code == 1
@@ -198,7 +208,7 @@ def test_items_tolerance_passes_one_flipped_answer_and_nothing_more(tmp_path, ca
     """The smoke comparison's --items 1: a rate one item from the committed count passes even when its CI is [0, 0];
     two items apart fail."""
     committed, rerun = _figures_copy(tmp_path / "committed"), _figures_copy(tmp_path / "rerun")
-    key = {"method": "mm_sft", "set": "v1_figstep", "metric": "asr", "judge": "refusal_keywords"}  # 0.00 [0.00, 0.00], n 50
+    key = _zero_row(committed)  # 0.00 [0.00, 0.00], n 50
     _edit(rerun / "03_eval_asr.csv", key, "rate", 1 / 50)
     assert not report.compare_figures(rerun, committed, outside_only=True)  # CI only: one item is outside [0, 0]
     assert report.compare_figures(rerun, committed, items=1)
@@ -230,3 +240,25 @@ def test_the_loosened_comparisons_still_catch_real_changes(tmp_path, capsys):
     losses.to_csv(flipped / "02_unlearn_losses.csv", index=False, lineterminator="\n")
     assert not report.compare_figures(flipped, committed, items=1, outside_only=True)
     assert "02_unlearn_losses.csv: " in capsys.readouterr().out
+
+
+def test_a_curve_csv_compares_each_rate_column_inside_its_own_ci():
+    """Wide tables (training curves): each rate column against its own committed CI, its n exactly, and a rate that
+    is empty on both sides (a pool without items) passes."""
+    import pandas as pd
+
+    rule = report.CsvRule(("method", "step"), ci_rates=("benign_reading", "mc1"), exact=("checkpoint",))
+    committed = pd.DataFrame({"method": ["a", "a"], "step": [0, 4], "checkpoint": ["base", "runs/a"],
+                              "benign_reading": [0.6, 0.5], "benign_reading_n": [20, 20],
+                              "benign_reading_ci_low": [0.4, 0.3], "benign_reading_ci_high": [0.8, 0.7],
+                              "mc1": [float("nan"), 0.3], "mc1_n": [0, 10], "mc1_ci_low": [float("nan"), 0.1],
+                              "mc1_ci_high": [float("nan"), 0.6]})
+    verdict = lambda df: {(c["row"], c["column"]): c["inside"] for c in report.compare_table("c", committed, df, rule)}
+    assert all(verdict(committed.assign(benign_reading=[0.8, 0.3])).values())  # at the CIs' ends
+    outside = verdict(committed.assign(benign_reading=[0.6, 0.29]))
+    assert not outside[("method=a step=4", "benign_reading")] and outside[("method=a step=0", "benign_reading")]
+    assert outside[("method=a step=0", "mc1")]  # empty on both sides
+    assert not verdict(committed.assign(mc1_n=[0, 11]))[("method=a step=4", "mc1_n")]
+    apart = lambda items: {(c["row"], c["column"]): c["inside"] for c in report.compare_table(
+        "c", committed, committed.assign(benign_reading=[0.6, 0.25]), rule, items=items)}[("method=a step=4", "benign_reading")]
+    assert apart(5) and not apart(4) and not apart(0)  # 0.25 below 0.5 with n 20: 5 items apart

@@ -288,3 +288,13 @@ def resolve_path(value: str) -> Path:
     (the notebook's folder) does not change where outputs go."""
     path = Path(value).expanduser()
     return path if path.is_absolute() else repo_root() / path
+
+
+def portable_path(path) -> str:
+    """`path` as written into committed outputs: relative to the repository root when it lies inside it (so a file
+    does not name the machine it was made on; resolve_path reads it back), else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(repo_root().resolve()))
+    except ValueError:
+        return str(path)

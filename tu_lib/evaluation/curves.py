@@ -21,7 +21,8 @@ import pandas as pd
 
 from ..core import stats
 from ..core.errors import ParameterError, TuError
-from ..core.params import resolve_path
+from ..core.params import portable_path, resolve_path
+from ..core.plots import theme
 from ..data.sets import ATTACK_SETS, EVAL_SETS
 from ..methods.run import curve_checkpoints
 from .items import build_items
@@ -142,7 +143,7 @@ def score_curve(vlm, P: dict, judge_set, out, gflop_per_step: dict[str, float] |
             scores[label].update({f"mc1{s}": mc1[k] for s, k in (("", "rate"), ("_n", "n"), ("_ci_low", "ci_low"),
                                                                  ("_ci_high", "ci_high"))})
     gflop = gflop_per_step or {}
-    rows = [{"method": m, "step": s, "checkpoint": "base" if folder is None else str(folder),
+    rows = [{"method": m, "step": s, "checkpoint": "base" if folder is None else portable_path(folder),
              **scores[f"{m}@{s}" if s else "base"], "seconds": seconds[m][s],
              "gflop": gflop.get(m, np.nan) * s if s else 0.0}  # step 0, the base model, is every method's first point
             for m, pts in points.items() for s, folder in pts]
@@ -217,3 +218,102 @@ def matched_cost_ratio(curve: pd.DataFrame, method_a: str, method_b: str, levels
                      "ratio": np.nan if reason else a["cost"] / b["cost"],
                      "how_a": a["how"], "how_b": b["how"], "reason": reason})
     return pd.DataFrame(rows)
+
+
+# (multimodal, textual) pairs whose cost at matched safety paper A compares ("up to 6x")
+COST_PAIRS = (("multimodal_ga", "textual_ga"), ("mm_sft", "text_sft"))
+
+
+def matched_costs(curve: pd.DataFrame) -> pd.DataFrame:
+    """For each (multimodal, textual) pair of COST_PAIRS on the curve, at three safety levels (a quarter, half and
+    three quarters of the way from the base model to the lowest image-set compliance either reaches): the cost at
+    which each first reaches the level, interpolated linearly between the checkpoints around it, and their ratio,
+    in seconds and in GFLOP (matched_cost_ratio)."""
+    present = set(curve["method"])
+    parts = [matched_cost_ratio(curve, a, b, cost=c) for a, b in COST_PAIRS if {a, b} <= present
+             for c in ("gflop", "seconds")]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+# ---------------------------------------------------------------------------------------------
+# costs from stage 04 and figures
+
+
+def costed_curve(curve: pd.DataFrame, per_step: pd.DataFrame) -> pd.DataFrame:
+    """The curve with its cost columns recomputed from stage 04's measurements (`per_step`: its summary.csv, columns
+    method, seconds_median, gflop_per_step): cumulative seconds = median seconds per step x step, GFLOP = counted
+    GFLOP per step x step. Stage 04 times every method alike on a quiet machine, while stage 02's logged seconds
+    carry whatever else the machine was doing. A method stage 04 did not time gets NaN."""
+    missing = [c for c in ("method", "seconds_median", "gflop_per_step") if c not in per_step.columns]
+    if missing:
+        raise TuError(f"Stage 04's summary lacks column(s) {missing} (it has {list(per_step.columns)}): rerun notebook 04.")
+    rate = per_step.set_index("method")
+    out = curve.copy()
+    for column, source in (("seconds", "seconds_median"), ("gflop", "gflop_per_step")):
+        out[column] = out["method"].map(rate[source]).astype(float) * out["step"]
+        out.loc[out["step"] == 0, column] = 0.0
+    return out
+
+
+CURVE_PANELS = {"compliance_image": "image attack sets", "compliance_text": "text attack sets"}
+COST_LABELS = {"seconds": "cumulative training time (s: stage 04's median seconds per step x steps)",
+               "gflop": "cumulative training GFLOP (stage 04's count per step x steps)"}
+
+
+def _curve_lines(ax, curve: pd.DataFrame, x: str, y: str, x_percent: bool) -> str:
+    """One line per method through its checkpoints in step order (step numbers beside the points, 95% CI bars on
+    y), the base model (step 0, every method's first point) as one black star; returns the panel's CI note."""
+    import seaborn as sns
+
+    scale = 100 if x_percent else 1
+    methods = list(dict.fromkeys(curve["method"]))
+    for colour, method in zip(sns.color_palette("deep", len(methods)), methods):
+        rows = curve[curve["method"] == method].sort_values("step")
+        ax.errorbar(rows[x] * scale, rows[y] * 100, yerr=[(rows[y] - rows[f"{y}_ci_low"]) * 100,
+                                                          (rows[f"{y}_ci_high"] - rows[y]) * 100],
+                    fmt="-o", color=colour, label=method, markersize=4, elinewidth=0.7, capsize=2)
+        for _, r in rows[rows["step"] > 0].iterrows():
+            ax.annotate(str(int(r["step"])), (r[x] * scale, r[y] * 100), textcoords="offset points", xytext=(3, 3),
+                        fontsize=7, color=colour)
+    base = curve[curve["step"] == 0].iloc[0]
+    ax.plot(base[x] * scale, base[y] * 100, "k*", markersize=12, label="base (step 0)", zorder=5)
+    half = np.nanmedian((curve[f"{y}_ci_high"] - curve[f"{y}_ci_low"]) / 2) * 100
+    return f"bars: 95% CI, median ±{half:.0f} points, n={int(curve[f'{y}_n'].median())}"
+
+
+def curve_figure(curve: pd.DataFrame):
+    """Safety against utility along training (issue 19): per panel (image, then text attack sets) harmful on-topic
+    compliance against benign reading, one line per method through its validation checkpoints
+    (evaluation.score_curve's rows). Down is safer, right keeps more utility."""
+    import matplotlib.pyplot as plt
+
+    theme()
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(6.5 * len(CURVE_PANELS), 4.8), sharex=True, squeeze=False)
+    for ax, (y, label) in zip(axes[0], CURVE_PANELS.items()):
+        note = _curve_lines(ax, curve, "benign_reading", y, x_percent=True)
+        ax.set(xlabel="benign reading (%, validation)", ylabel="harmful on-topic compliance (%)",
+               title=f"{label}\n{note}")
+    axes[0][0].legend(title="method (numbers: steps)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def cost_figure(curve: pd.DataFrame, cost: str = "seconds"):
+    """Safety against cumulative training cost (`cost`: "seconds" or "gflop"): image-set harmful on-topic compliance,
+    one line per method; where the lines cross a safety level, their costs give matched_cost_ratio's ratio."""
+    import matplotlib.pyplot as plt
+
+    if cost not in COST_LABELS:
+        raise ParameterError(f"cost={cost!r} must be one of {list(COST_LABELS)}.")
+    if curve.loc[curve["step"] > 0, cost].isna().all():
+        raise TuError(f"The curve has no {cost}: give it stage 04's per-step costs first (costed_curve).")
+    theme()
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    note = _curve_lines(ax, curve, cost, "compliance_image", x_percent=False)
+    ax.set(xlabel=COST_LABELS[cost], ylabel="harmful on-topic compliance, image sets (%)",
+           title=f"Safety against training cost\n{note}")
+    ax.legend(title="method (numbers: steps)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+

@@ -12,6 +12,7 @@ meets them, the base model (step 0) is kept.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..core.errors import TuError
+from ..core.params import portable_path, resolve_path
 from ..methods.run import curve_checkpoints
 
 
@@ -126,6 +128,81 @@ def picked_checkpoints(curve: pd.DataFrame, rule: dict, unlearn_dir) -> dict[str
             raise TuError(f"{method}'s curve picks step {pick['step']}, but its run in {unlearn_dir} kept steps "
                           f"{sorted(folders)}: the curve was scored on another run; score it again.")
         folder = folders[pick["step"]]
-        out[method] = {"step": pick["step"], "checkpoint": None if folder is None else str(folder),
+        out[method] = {"step": pick["step"], "checkpoint": None if folder is None else portable_path(folder),
                        "reason": pick["reason"], "failed": {str(k): v for k, v in pick["failed"].items()}}
+    return out
+
+
+def named_checkpoints(value) -> dict[str, int]:
+    """Stage 03's `checkpoints` parameter, method -> step (papermill passes a YAML string): {} for None. Raises
+    TuError with what a usable value looks like."""
+    if value in (None, "", {}):
+        return {}
+    if isinstance(value, str):
+        import yaml
+
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            value = None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              and v >= 0 for k, v in value.items()):
+        raise TuError(f"checkpoints={value!r} must map methods to steps ≥ 0, e.g. {{textual_ga: 80}} (0: the base "
+                      "model); the steps a run kept are listed in its summary.json under curve.")
+    return dict(value)
+
+
+def check_named_checkpoints(named: dict[str, int], methods, unlearn_dir) -> None:
+    """Every named checkpoint is one of `methods` and a step its run kept (checked before any model loads)."""
+    for method, step in named.items():
+        if method == "base" or method not in methods:
+            raise TuError(f"checkpoints names {method!r}, which is not an evaluated method ({list(methods)}).")
+        steps = [s for s, _ in curve_checkpoints(Path(unlearn_dir) / method)]
+        if step not in steps:
+            raise TuError(f"checkpoints asks for {method} at step {step}, but its run in {unlearn_dir} kept steps "
+                          f"{steps}: name one of them, or rerun notebook 02 with more curve_points.")
+
+
+def evaluated_checkpoints(curve: pd.DataFrame | None, rule: dict, methods, unlearn_dir,
+                          named: dict[str, int] | None = None) -> dict[str, dict]:
+    """The checkpoint stage 03 evaluates on test for each unlearning method of `methods`: the rule's pick on the
+    validation `curve` (picked_checkpoints), or, where `named` gives a step, that step (the pick kept in the reason);
+    without a curve, stage 02's final weights. Each {"step", "checkpoint" (folder, None for the base model),
+    "reason", "failed"}."""
+    named = named or {}
+    methods = [m for m in methods if m != "base"]
+    if curve is not None and len(curve):
+        picks = picked_checkpoints(curve[curve["method"].isin(methods)], rule, unlearn_dir)
+    else:
+        picks = {}
+        for m in methods:
+            step, folder = curve_checkpoints(Path(unlearn_dir) / m)[-1]
+            picks[m] = {"step": step, "checkpoint": portable_path(folder), "failed": {},
+                        "reason": "no training curve was scored (curve_n_per_set 0): stage 02's final weights"}
+    for method, step in named.items():
+        folder = dict(curve_checkpoints(Path(unlearn_dir) / method))[step]
+        was = picks.get(method, {}).get("step")
+        picks[method] = {"step": step, "checkpoint": None if folder is None else portable_path(folder),
+                         "failed": picks.get(method, {}).get("failed", {}),
+                         "reason": f"named by the checkpoints parameter (the selection rule picked step {was})"}
+    return {m: picks[m] for m in methods}
+
+
+def picked_folders(eval_dir, unlearn_dir, methods) -> dict[str, Path | None]:
+    """method -> the weights stage 03 evaluated it at (its picks.json in `eval_dir`): a checkpoint folder, or None
+    for a pick at step 0 (the base model). Methods stage 03 did not pick, or no picks.json, keep stage 02's final
+    weights. A pick outside this stage 02 run (`unlearn_dir`) is refused: it would mix two runs."""
+    path = Path(eval_dir) / "picks.json" if eval_dir else None
+    picks = (json.loads(path.read_text(encoding="utf-8")).get("checkpoints") or {}) if path and path.is_file() else {}
+    out = {}
+    for m in methods:
+        pick = picks.get(m)
+        if pick is None:
+            out[m] = Path(unlearn_dir) / m
+            continue
+        folder = None if pick["step"] == 0 else resolve_path(pick["checkpoint"])
+        if folder is not None and Path(unlearn_dir).resolve() / m not in (folder.resolve(), *folder.resolve().parents):
+            raise TuError(f"{path} picks {m} at {pick['checkpoint']}, outside this stage 02 run ({unlearn_dir}): pass "
+                          "the eval_dir of a stage 03 run on the same unlearn_dir, or eval_dir '' for final weights.")
+        out[m] = folder
     return out

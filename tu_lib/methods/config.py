@@ -32,7 +32,7 @@ class TrainConfig:
     npo_beta: float = RUN_DEFAULTS["npo_beta"]
     max_forget_nll: float = RUN_DEFAULTS["max_forget_nll"]
     seed: int = RUN_DEFAULTS["seed"]
-    curve_points: int = 0  # adapters kept along the way for training curves (methods.run.curve_steps); 0: none
+    curve_points: int = 5  # adapters kept along the way for training curves (methods.run.curve_steps); 0: none
 
     @classmethod
     def from_params(cls, P: dict, method: str) -> "TrainConfig":

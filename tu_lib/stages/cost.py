@@ -25,6 +25,7 @@ from ..core.plots import theme
 from ..core.records import run_record
 from ..core.text import as_list
 from ..data.sets import ATTACK_SETS
+from ..evaluation.curves import cost_figure, costed_curve, matched_costs
 from ..methods.base import ImageCache, step_loss, step_order, step_rows
 from ..methods.config import TrainConfig
 from ..methods.params import resolve_params as resolve_stage02_params
@@ -36,7 +37,7 @@ from ..training.loop import Optimiser, linear_decay, run_steps
 __all__ = ["NOTEBOOK", "TEXTUAL", "MULTIMODAL", "SPEC", "resolve_params", "batch_of", "measure_method",
            "step_batches", "count_step", "first_step", "count_one_step", "summarise", "stage02_runs", "ratio_table",
            "asr_per_compute", "step_shapes", "extrapolate", "ratio_curve", "steps_figure", "ratio_figure",
-           "write_outputs", "input_hashes"]
+           "curve_costs", "matched_costs", "cost_figure", "write_outputs", "input_hashes"]
 
 
 NOTEBOOK = "04_cost"
@@ -267,8 +268,8 @@ def ratio_table(summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def asr_per_compute(eval_dir, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame | None:
-    """Mean keyword ASR over the six attack sets per method (stage 03) beside its training compute
-    (analytic GFLOP per step x steps done); None when stage 03's results are missing."""
+    """Mean keyword ASR over the six attack sets per method (stage 03) beside its training compute up to the
+    checkpoint stage 03 evaluated (analytic GFLOP per step x that step); None when stage 03's results are missing."""
     path = Path(eval_dir) / "results.csv"
     if not path.is_file():
         return None
@@ -278,11 +279,26 @@ def asr_per_compute(eval_dir, summary: pd.DataFrame, runs: pd.DataFrame) -> pd.D
     if "base" not in asr.index:
         return None
     out = summary.merge(runs, on="method")[["method", "gflop_per_step", "steps_done"]]
-    out["train_pflop"] = out["gflop_per_step"] * out["steps_done"] / 1e6
+    # the step stage 03 evaluated each method at (its selection rule's pick), else the run's last
+    picked = res.groupby("method")["step"].first() if "step" in res.columns else pd.Series(dtype=float)
+    out["step_evaluated"] = out["method"].map(picked).fillna(out["steps_done"]).astype(int)
+    out["train_pflop"] = out["gflop_per_step"] * out["step_evaluated"] / 1e6
     out["mean_attack_asr"] = out["method"].map(asr)
     out["base_mean_attack_asr"] = asr["base"]
-    out["asr_drop_per_pflop"] = (out["base_mean_attack_asr"] - out["mean_attack_asr"]) / out["train_pflop"]
+    out["asr_drop_per_pflop"] = (out["base_mean_attack_asr"] - out["mean_attack_asr"]) / out["train_pflop"].replace(0, np.nan)
     return out.dropna(subset=["mean_attack_asr"])
+
+
+# ---------------------------------------------------------------------------------------------
+# safety against training cost (stage 03's validation curves)
+
+def curve_costs(eval_dir, summary: pd.DataFrame) -> pd.DataFrame | None:
+    """Stage 03's validation curve (curve.csv) with cumulative costs from this stage's measurements (costed_curve:
+    median seconds per step and counted GFLOP per step, times the step); None when stage 03 scored no curve."""
+    path = Path(eval_dir) / "curve.csv"
+    if not path.is_file():
+        return None
+    return costed_curve(pd.read_csv(path), summary)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,8 +438,8 @@ def write_outputs(P: dict, P02: dict, out: Path, tables: dict[str, pd.DataFrame 
 
 def input_hashes(P: dict, P02: dict) -> dict[str, str]:
     """file -> sha256 of the earlier stages' outputs this stage read: stage 02's run summaries and loss curves of the
-    timed methods, and stage 03's results when present."""
+    timed methods, and stage 03's results and curve when present."""
     unlearn_dir = resolve_path(P02["out_dir"])
     files = [unlearn_dir / m / name for m in P["methods"] for name in ("summary.json", "losses.csv")]
-    files += [p for p in [resolve_path(P["eval_dir"]) / "results.csv"] if p.is_file()]
+    files += [p for p in [resolve_path(P["eval_dir"]) / n for n in ("results.csv", "curve.csv")] if p.is_file()]
     return {str(p): sha256_file(p) for p in files}

@@ -50,12 +50,14 @@ from ..core.text import as_list, list_check
 from ..data.sets import EVAL_SETS, eval_set
 from ..data.splits import SPLIT_CHOICES
 from ..evaluation.ab import ab_table, format_ab, judgements_frame, vs_base
-from ..evaluation.curves import curve_problem, matched_cost_ratio, safety_levels, score_curve, step_gflop
+from ..evaluation.curves import (cost_figure, curve_figure, curve_problem, matched_cost_ratio, run_checkpoints,
+                                 safety_levels, score_curve, step_gflop)
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
 from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
-from ..evaluation.selection import RULE_CONDITIONS, picked_checkpoints, rule_problem
+from ..evaluation.selection import (RULE_CONDITIONS, check_named_checkpoints, evaluated_checkpoints, named_checkpoints,
+                                    picked_checkpoints, rule_problem)
 from ..judges.refusal import keyword_agreement
 from ..judges.registry import REQUIRED_JUDGE
 from ..methods.registry import METHODS
@@ -63,7 +65,8 @@ from ..methods.registry import METHODS
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
            "build_items", "Judges", "generate_method", "judge_agreement", "mc1_for", "metric_rows", "paper_table",
            "keyword_agreement", "ab_table", "format_ab", "vs_base", "curve_problem", "score_curve", "step_gflop",
-           "curve_figure", "cost_figure", "safety_levels", "matched_cost_ratio", "picked_checkpoints", "main"]
+           "curve_figure", "cost_figure", "safety_levels", "matched_cost_ratio", "picked_checkpoints", "training_curve",
+           "checkpoints_to_evaluate", "evaluated_checkpoints", "evaluated_weights", "generate_picked", "mc1_picked", "picks_frame", "with_vs_base", "vs_base_table", "main"]
 
 
 NOTEBOOK = "03_eval"
@@ -77,12 +80,17 @@ SPEC = Spec(NOTEBOOK, [
     Param("sets", (list, str), None, f"sets to evaluate, from {list(EVAL_SETS)}", profiled=True),
     Param("user_sets", (list, str), [], "your own attack sets: CSV or JSONL files (prompt; optional image, image_text, "
           "request, category, id), each evaluated as the set user_<file stem>; see the README"),
-    Param("split", (str,), "all", "part of every set evaluated ('all' until the curves land, issue 19): 'test' (the headline numbers), 'validation' (curves and "
-          "choices) or 'all' (both, as before stage 01 split the sets); taken before n_per_set", one_of(*SPLIT_CHOICES)),
+    Param("split", (str,), "test", "part of every set evaluated: 'test' (the headline numbers), 'validation' (the "
+          "choices' part) or 'all' (both, as before stage 01 split the sets); taken before n_per_set",
+          one_of(*SPLIT_CHOICES)),
     Param("selection_rule", (dict, str), None, "pre-registered rule that picks each method's checkpoint from its "
           f"validation curve (evaluation.selection; conditions: {', '.join(RULE_CONDITIONS)})", rule_problem,
           profiled=True),
+    Param("checkpoints", (dict, str), None, "method -> step evaluated instead of the rule's pick, e.g. {textual_ga: "
+          "80} (0: the base model; steps a run kept: its summary.json)", profiled=True),
     Param("n_per_set", (int, str), None, "items per set (int or 'all')", positive_size, profiled=True),
+    Param("curve_n_per_set", (int,), None, "validation items per set scored at every checkpoint stage 02 kept (its "
+          "training curves; 0: none, each method's final weights are evaluated)", non_negative, profiled=True),
     Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} ({REQUIRED_JUDGE} is required)",
           profiled=True),
     Param("batch_size", (int,), None, "prompts per generation batch", positive, profiled=True),
@@ -110,6 +118,10 @@ def resolve_params(namespace: dict) -> dict:
             fixed["selection_rule"] = yaml.safe_load(raw["selection_rule"])
         except yaml.YAMLError as e:
             raise ParameterError(f"Parameter selection_rule={raw['selection_rule']!r} is not a YAML mapping ({e}).") from None
+    try:
+        fixed["checkpoints"] = named_checkpoints(raw.get("checkpoints"))
+    except TuError as e:
+        raise ParameterError(str(e)) from None
     P = params.resolve(SPEC, {**namespace, **fixed})
     for key, choices in (("methods", ["base", *METHODS]), ("sets", list(EVAL_SETS)), ("judges", JUDGE_NAMES)):
         P[key] = as_list(P[key])
@@ -128,6 +140,9 @@ def check_inputs(P: dict) -> None:
     """Fail before loading a model (check_eval_inputs: stage 01's sets, the user sets, the adapters), then claim the
     output folder."""
     check_eval_inputs(P)
+    check_named_checkpoints(P.get("checkpoints") or {}, P["methods"], resolve_path(P["unlearn_dir"]))
+    if P.get("curve_n_per_set") and not curve_problem(P):
+        run_checkpoints(P)  # every curve point's weights verified now, not after the test generations
     if P.get("out_dir"):  # every check passed: the output folder is this stage's from now on
         claim_output_dir(resolve_path(P["out_dir"]), NOTEBOOK)
 
@@ -162,67 +177,70 @@ def asr_figure(results: pd.DataFrame):
     return fig
 
 
-CURVE_PANELS = {"compliance_image": "image attack sets", "compliance_text": "text attack sets"}
-COST_LABELS = {"seconds": "cumulative training time (s, stage 02's losses.csv)",
-               "gflop": "cumulative training GFLOP (stage 04's count per step x steps)"}
+def training_curve(vlm, P: dict, judge_set, out: Path) -> pd.DataFrame | None:
+    """Every checkpoint stage 02 kept, scored on P["curve_n_per_set"] validation items per set (score_curve); None
+    when curve_n_per_set is 0 or the parameters cannot give a curve (the reason is printed)."""
+    if not P["curve_n_per_set"]:
+        return None
+    problem = curve_problem(P)
+    if problem:
+        print(f"no training curve: {problem}")
+        return None
+    return score_curve(vlm, {**P, "n_per_set": P["curve_n_per_set"]}, judge_set, out)
 
 
-def _curve_lines(ax, curve: pd.DataFrame, x: str, y: str, x_percent: bool) -> str:
-    """One line per method through its checkpoints in step order (step numbers beside the points, 95% CI bars on
-    y), the base model (step 0, every method's first point) as one black star; returns the panel's CI note."""
-    import seaborn as sns
-
-    scale = 100 if x_percent else 1
-    methods = list(dict.fromkeys(curve["method"]))
-    for colour, method in zip(sns.color_palette("deep", len(methods)), methods):
-        rows = curve[curve["method"] == method].sort_values("step")
-        ax.errorbar(rows[x] * scale, rows[y] * 100, yerr=[(rows[y] - rows[f"{y}_ci_low"]) * 100,
-                                                          (rows[f"{y}_ci_high"] - rows[y]) * 100],
-                    fmt="-o", color=colour, label=method, markersize=4, elinewidth=0.7, capsize=2)
-        for _, r in rows[rows["step"] > 0].iterrows():
-            ax.annotate(str(int(r["step"])), (r[x] * scale, r[y] * 100), textcoords="offset points", xytext=(3, 3),
-                        fontsize=7, color=colour)
-    base = curve[curve["step"] == 0].iloc[0]
-    ax.plot(base[x] * scale, base[y] * 100, "k*", markersize=12, label="base (step 0)", zorder=5)
-    half = np.nanmedian((curve[f"{y}_ci_high"] - curve[f"{y}_ci_low"]) / 2) * 100
-    return f"bars: 95% CI, median ±{half:.0f} points, n={int(curve[f'{y}_n'].median())}"
+def checkpoints_to_evaluate(P: dict, curve: pd.DataFrame | None) -> dict[str, dict]:
+    """method -> the checkpoint its test numbers come from (evaluation.selection.evaluated_checkpoints): the
+    selection rule's pick on the validation curve unless the `checkpoints` parameter names a step."""
+    return evaluated_checkpoints(curve, P["selection_rule"], P["methods"], resolve_path(P["unlearn_dir"]),
+                                 P["checkpoints"])
 
 
-def curve_figure(curve: pd.DataFrame):
-    """Safety against utility along training (issue 19): per panel (image, then text attack sets) harmful on-topic
-    compliance against benign reading, one line per method through its validation checkpoints
-    (evaluation.score_curve's rows). Down is safer, right keeps more utility."""
-    import matplotlib.pyplot as plt
-
-    theme()
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(6.5 * len(CURVE_PANELS), 4.8), sharex=True, squeeze=False)
-    for ax, (y, label) in zip(axes[0], CURVE_PANELS.items()):
-        note = _curve_lines(ax, curve, "benign_reading", y, x_percent=True)
-        ax.set(xlabel="benign reading (%, validation)", ylabel="harmful on-topic compliance (%)",
-               title=f"{label}\n{note}")
-    axes[0][0].legend(title="method (numbers: steps)", fontsize=8)
-    fig.tight_layout()
-    return fig
+def evaluated_weights(picks: dict[str, dict], method: str) -> tuple[str, Path | None]:
+    """(the model whose weights to load, the checkpoint folder) for `method` under `picks`: a method picked at step
+    0 is the base model (generated once, cached as base), any other pick its checkpoint's folder."""
+    pick = picks.get(method)
+    if method == "base" or (pick is not None and pick["step"] == 0):
+        return "base", None
+    return method, (resolve_path(pick["checkpoint"]) if pick else None)
 
 
-def cost_figure(curve: pd.DataFrame, cost: str = "seconds"):
-    """Safety against cumulative training cost (`cost`: "seconds" or "gflop"): image-set harmful on-topic compliance,
-    one line per method; where the lines cross a safety level, their costs give matched_cost_ratio's ratio."""
-    import matplotlib.pyplot as plt
+def generate_picked(vlm, P: dict, method: str, items: list[dict], out: Path, picks: dict[str, dict]) -> list[str]:
+    """generate_method at the checkpoint `picks` holds for `method` (evaluated_weights)."""
+    model, folder = evaluated_weights(picks, method)
+    return generate_method(vlm, P, model, items, out, folder=folder, desc=method)
 
-    if cost not in COST_LABELS:
-        raise ParameterError(f"cost={cost!r} must be one of {list(COST_LABELS)}.")
-    if curve.loc[curve["step"] > 0, cost].isna().all():
-        raise TuError(f"The curve has no {cost} (stage 04's per-step FLOP counts were not given to score_curve): "
-                      "draw it against seconds, or score it with step_gflop(stage 04's measured_steps.csv).")
-    theme()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
-    note = _curve_lines(ax, curve, cost, "compliance_image", x_percent=False)
-    ax.set(xlabel=COST_LABELS[cost], ylabel="harmful on-topic compliance, image sets (%)",
-           title=f"Safety against training cost\n{note}")
-    ax.legend(title="method (numbers: steps)", fontsize=8)
-    fig.tight_layout()
-    return fig
+
+def mc1_picked(vlm, P: dict, method: str, provenance: dict, picks: dict[str, dict]) -> list[dict]:
+    """mc1_for at the checkpoint `picks` holds for `method`, its rows labelled `method`."""
+    model, folder = evaluated_weights(picks, method)
+    return [{**row, "method": method} for row in mc1_for(vlm, P, model, provenance, folder=folder)]
+
+
+def picks_frame(picks: dict[str, dict]) -> pd.DataFrame:
+    """The picks as a table for printing: method, step, reason."""
+    return pd.DataFrame([{"method": m, "step": p["step"], "reason": p["reason"]} for m, p in picks.items()],
+                        columns=["method", "step", "reason"])
+
+
+def with_vs_base(results: pd.DataFrame, judged: dict, seed: int) -> pd.DataFrame:
+    """results.csv's rows with the A/B columns of every method against base on the same items (evaluation.ab.vs_base:
+    the difference, its paired-bootstrap 95% CI, whether the CI excludes 0); rows without a per-item judgement (MC1)
+    or without base keep NaN there."""
+    if "base" not in judged or len(judged) < 2:
+        return results
+    ab = vs_base(judgements_frame(judged), seed=seed).drop(columns=["note"])
+    return results.merge(ab, on=["method", "set", "metric", "judge"], how="left")
+
+
+def vs_base_table(results: pd.DataFrame, judge: str = "on_topic") -> pd.DataFrame:
+    """Rows: methods; columns: sets; cells: the method's rate minus base's under `judge`, with its paired 95% CI and
+    `*` where the CI excludes 0 (with_vs_base's columns)."""
+    rows = results[(results["judge"] == judge) & results["vs_base"].notna()] if "vs_base" in results else results[:0]
+    cell = [f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]{'*' if x else ''}" for d, lo, hi, x in
+            zip(rows["vs_base"], rows["vs_base_ci_low"], rows["vs_base_ci_high"], rows["vs_base_excludes_zero"])]
+    return rows.assign(cell=cell).pivot_table(index="method", columns=["set", "metric"], values="cell", aggfunc="first",
+                                              sort=False)
 
 
 def reference_numbers() -> pd.DataFrame:
@@ -230,14 +248,22 @@ def reference_numbers() -> pd.DataFrame:
     return pd.read_csv(verified_path("reference/paper_numbers.csv"))
 
 
-def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts: dict, started: float, provenance: dict) -> None:
+def write_outputs(P: dict, out: Path, results: pd.DataFrame, judged: dict, facts: dict, started: float, provenance: dict,
+                  curve: pd.DataFrame | None = None, picks: dict | None = None) -> None:
+    """results.csv, judgements.csv, facts.json, the validation curve (curve.csv) and the checkpoints evaluated
+    (picks.json, also in the run record with the rule that chose them)."""
     claim_output_dir(out, NOTEBOOK)
     write_csv(results, out / "results.csv")
+    if curve is not None:
+        write_csv(curve, out / "curve.csv")
+    write_json(out / "picks.json", {"selection_rule": P["selection_rule"], "checkpoints": picks or {}})
     write_csv(judgements_frame(judged), out / "judgements.csv")
     write_json(out / "facts.json", facts)
     write_json(out / "run_record.json", run_record(P, input_hashes(P), started,
                                                    seeds={"v3": P["seed"], "bootstrap": P["seed"]},
-                                                   judges=provenance))
+                                                   judges=provenance,
+                                                   checkpoints={"selection_rule": P["selection_rule"],
+                                                                "picks": picks or {}}))
 
 
 def main(argv: list[str]) -> None:

@@ -37,12 +37,13 @@ from ..data.user_sets import read_user_set
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.judging import JUDGE_NAMES
 from ..evaluation.metrics import metric_rows
+from ..evaluation.selection import picked_folders
 from ..methods.registry import METHODS
 from ..models.adapters import adapter_applied
 from ..models.generate import generate
 
 __all__ = ["NOTEBOOK", "SWEEP_SETS", "BASE", "SPEC", "resolve_params", "check_inputs", "resolve_layers",
-           "anchor_prompts", "gap_instructions", "model_context", "dataset_shift", "model_shifts", "collect_states",
+           "anchor_prompts", "gap_instructions", "method_folders", "model_context", "dataset_shift", "model_shifts", "collect_states",
            "gap_rows", "pca_rows", "grid_layers", "sweep_plan", "sweep_answers", "sweep_rows", "shift_norms",
            "layers_figure", "pca_figure", "ALPHA_PANELS", "alpha_panels", "alpha_table", "alpha_figure", "write_outputs"]
 
@@ -91,8 +92,8 @@ def _spec():
         Param("sets", (list, str), None, f"alpha-sweep sets, from {list(SWEEP_SETS)}", profiled=True),
         Param("user_sets", (list, str), [], "your own image attack sets for the sweep: CSV or JSONL files whose every "
               "row has an image or image_text (as notebook 03's user_sets; see the README)"),
-        Param("split", (str,), "all", "part of every sweep set ('all' until the curves land, issue 19): 'test', 'validation' or 'all' (both, as before stage 01 "
-              "split the sets); taken before n_per_set", one_of(*SPLIT_CHOICES)),
+        Param("split", (str,), "test", "part of every sweep set: 'test', 'validation' or 'all' (both, as before stage "
+              "01 split the sets); taken before n_per_set", one_of(*SPLIT_CHOICES)),
         Param("n_per_set", (int,), None, "items per set in the alpha sweep", positive, profiled=True),
         Param("judges", (list, str), None, f"judges, from {', '.join(JUDGE_NAMES)} (refusal_keywords is required; llama_guard needs a GPU)",
               profiled=True),
@@ -107,6 +108,8 @@ def _spec():
               folder=True),
         Param("data_dir", (str,), None, "stage 01's output folder", profiled=True, kind="path"),
         Param("unlearn_dir", (str,), None, "stage 02's output folder (one adapter per method)", profiled=True, kind="path"),
+        Param("eval_dir", (str,), None, "stage 03's output folder: each method is analysed at the checkpoint its "
+              "picks.json names ('' or no picks.json: stage 02's final weights)", profiled=True, kind="path"),
         Param("out_dir", (str,), None, "where tables, judgements and the run record go", profiled=True, kind="output"),
         Param("fig_dir", (str,), None, "folder for the figures and their CSVs", profiled=True, kind="figures"),
     ])
@@ -157,6 +160,7 @@ def check_inputs(P: dict) -> None:
     """Fail before loading a model: stage 01's sets and the adapters of the chosen methods must exist, and every row
     of a user set must show an image (CMRM corrects image inputs)."""
     check_eval_inputs(_as_stage03(P))
+    method_folders(P)  # stage 03's picks must name checkpoints of this stage 02 run
     for path in P.get("user_sets") or []:
         text_only = [r for r in read_user_set(path) if not (r["image"] or r["image_text"])]
         if text_only:
@@ -199,9 +203,19 @@ def gap_instructions(P: dict) -> tuple[list[str], list[str]]:
     return harmful[:n], benign[:n]
 
 
+def method_folders(P: dict) -> dict:
+    """method -> the weights it is analysed at: stage 03's pick (evaluation.selection.picked_folders; None: the base
+    model), else stage 02's final weights."""
+    methods = dict.fromkeys([*P["methods"], *P["combine_methods"]])
+    return picked_folders(resolve_path(P["eval_dir"]) if P.get("eval_dir") else None, resolve_path(P["unlearn_dir"]),
+                          methods)
+
+
 def model_context(vlm, P: dict, method: str):
-    """The base model, or a stage 02 method's adapter applied (removed on exit)."""
-    return contextlib.nullcontext(vlm) if method == BASE else adapter_applied(vlm, resolve_path(P["unlearn_dir"]) / method)
+    """The base model, or a stage 02 method's adapter at its picked checkpoint (method_folders) applied (removed on
+    exit)."""
+    folder = None if method == BASE else method_folders(P)[method]
+    return contextlib.nullcontext(vlm) if folder is None else adapter_applied(vlm, folder)
 
 
 def dataset_shift(vlm, P: dict, anchors: list[str], layers: list[int]) -> dict[int, torch.Tensor]:

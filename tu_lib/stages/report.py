@@ -23,6 +23,7 @@ import pandas as pd
 from ..core.errors import TuError
 from ..core.params import configs_dir, profile_values, resolve_path
 from ..core.paths import repo_root
+from ..evaluation.curves import RATES as CURVE_RATES, matched_costs
 
 __all__ = ["expected_results", "update_readme", "readme_block", "render_report", "CsvRule", "COMPARE_RULES",
            "compare_figures", "main"]
@@ -65,6 +66,44 @@ def organism_bars(fig_dir: Path) -> pd.DataFrame:
                          "met": card["meets_bar"].map(lambda v: "yes" if str(v) == "True" else "**no**")})
 
 
+CURVE_COLUMNS = [("compliance_image", "image-set compliance"), ("compliance_text", "text-set compliance"),
+                 ("benign_reading", "benign reading"), ("over_refusal", "XSTest over-refusal"),
+                 ("degenerate_share", "degenerate share")]
+
+
+def _rate(r, column: str) -> str:
+    return "–" if pd.isna(r[column]) else f"{r[column]:.2f} [{r[column + '_ci_low']:.2f}, {r[column + '_ci_high']:.2f}]"
+
+
+def curve_rows(fig_dir: Path, evaluated: pd.DataFrame) -> pd.DataFrame:
+    """Stage 03's validation curves (figures/03_eval_curves.csv), one row per method and step, the step stage 03
+    evaluated on test (its results' `step`) marked."""
+    curve = _read(fig_dir, "03_eval_curves")
+    picked = evaluated.groupby("method")["step"].first().to_dict() if "step" in evaluated else {}
+    rows = []
+    for _, r in curve.iterrows():
+        if r["step"] == 0 and rows:  # the base model once, first
+            continue
+        rows.append({"method": "base" if r["step"] == 0 else r["method"], "step": int(r["step"]),
+                     **{title: _rate(r, c) for c, title in CURVE_COLUMNS},
+                     "picked": "**yes**" if r["step"] and picked.get(r["method"]) == r["step"] else ""})
+    return pd.DataFrame(rows)
+
+
+def matched_rows(fig_dir: Path) -> pd.DataFrame:
+    """The cost at matched image-set safety of each multimodal/textual pair (evaluation.curves.matched_costs on
+    figures/04_cost_curves.csv), in GFLOP."""
+    table = matched_costs(_read(fig_dir, "04_cost_curves"))
+    if not len(table):
+        return pd.DataFrame({"pair": ["no multimodal/textual pair among the curve's methods"]})
+    table = table[table["cost"] == "gflop"]
+    return pd.DataFrame({"pair": [f"{a} / {b}" for a, b in zip(table["method_a"], table["method_b"])],
+                         "image-set compliance level": table["level"].map("{:.2f}".format),
+                         "GFLOP (multimodal)": table["cost_a"].map(lambda v: "never" if pd.isna(v) else f"{v:,.0f}"),
+                         "GFLOP (textual)": table["cost_b"].map(lambda v: "never" if pd.isna(v) else f"{v:,.0f}"),
+                         "ratio": table["ratio"].map(lambda v: "–" if pd.isna(v) else f"{v:.2f}x")})
+
+
 def expected_results(fig_dir: str | Path | None = None) -> str:
     """Markdown tables of the default run's headline numbers (rate [95% CI], n), from figures/*.csv."""
     fig_dir = Path(fig_dir) if fig_dir else repo_root() / "figures"
@@ -99,7 +138,12 @@ def expected_results(fig_dir: str | Path | None = None) -> str:
     return ("**00 · the organism's bars on its test split** (on-topic compliance unless named ASR; a gap is image minus "
             "bare text on the same instructions, paired; figures/00_organism_properties.csv)\n\n" + _markdown(bars) +
             "\n**03 · evaluation** (rate [95% bootstrap CI]; ASR under the refusal-keyword judge, compliance under the "
-            "on-topic judge; figures/03_eval_asr.csv)\n\n" + _markdown(evt) +
+            "on-topic judge; test split, each method at its picked checkpoint; figures/03_eval_asr.csv)\n\n" + _markdown(evt) +
+            "\n**03 · training curves on validation** (rate [95% CI]; picked: the checkpoint the pre-registered rule "
+            "chose, evaluated on test above; figures/03_eval_curves.csv)\n\n" + _markdown(curve_rows(fig_dir, ev)) +
+            "\n**04 · training cost at matched safety** (image-set on-topic compliance on validation; cumulative GFLOP "
+            "to first reach the level, interpolated linearly between checkpoints; figures/04_cost_curves.csv)\n\n" +
+            _markdown(matched_rows(fig_dir)) +
             "\n**04 · compute per training step** (organism, this machine; figures/04_cost_steps.csv)\n\n" + _markdown(cost) +
             "\n**05 · CMRM alpha sweep** (figures/05_repgap_alpha.csv)\n\n" + _markdown(cm.fillna("–")))
 
@@ -202,10 +246,14 @@ class CsvRule:
     series: tuple[str, ...] = ()
     skip: tuple[str, ...] = ()
     why: str = ""
+    # wide tables (a training curve): each named rate column c comes with c_n, c_ci_low and c_ci_high, and is
+    # compared like `rate` (inside the committed CI, or within `items` items of the committed count), c_n equal
+    ci_rates: tuple[str, ...] = ()
 
     def columns(self) -> set[str]:
         return set(self.keys) | set(self.exact) | set(self.close) | set(self.skip) | (
-            {"rate", "ci_low", "ci_high"} if self.ci else set())
+            {"rate", "ci_low", "ci_high"} if self.ci else set()) | {
+            f"{c}{s}" for c in self.ci_rates for s in ("", "_n", "_ci_low", "_ci_high")}
 
     def describe(self) -> str:
         parts = ([f"rate inside the committed 95% CI [ci_low, ci_high] (rows without a CI: within {self.pooled_items} "
@@ -213,7 +261,9 @@ class CsvRule:
             [f"{', '.join(self.exact)} equal"] if self.exact else []) + (
             [f"{', '.join(self.close)} within {self.rtol:g} x the series' largest committed |value|"
              + (f" (series: {', '.join(self.series)})" if self.series else "")] if self.close else []) + (
-            [f"not compared: {', '.join(self.skip)} ({self.why})"] if self.skip else [])
+            [f"not compared: {', '.join(self.skip)} ({self.why})"] if self.skip else []) + (
+            [f"each of {', '.join(self.ci_rates)} inside its committed 95% CI (its _ci_low, _ci_high), its _n equal"]
+            if self.ci_rates else [])
         return "; ".join(parts)
 
 
@@ -224,7 +274,15 @@ COMPARE_RULES = {
                                      series=("organism", "metric")),
     "01_data_counts": CsvRule(("set", "role", "category"), exact=("n", "n_category")),
     "02_unlearn_losses": CsvRule(("method", "term", "step"), close=("value",), series=("method", "term")),
-    "03_eval_asr": CsvRule(("preset", "method", "set", "metric", "judge", "judge_version"), ci=True, exact=("n",)),
+    "03_eval_asr": CsvRule(("preset", "method", "set", "metric", "judge", "judge_version"), ci=True, exact=("n",),
+                           skip=("step", "vs_base", "vs_base_ci_low", "vs_base_ci_high", "vs_base_excludes_zero"),
+                           why="the paired difference from base follows the two rates compared; the picked step "
+                               "follows the validation rates, which may move within their CIs on another CPU"),
+    "03_eval_curves": CsvRule(("method", "step"), ci_rates=CURVE_RATES, exact=("checkpoint", "gflop"),
+                              skip=("seconds",), why="stage 02's wall time on the machine that ran it"),
+    "04_cost_curves": CsvRule(("method", "step"), ci_rates=CURVE_RATES, exact=("checkpoint",), close=("gflop",),
+                              rtol=ANALYTIC_RTOL, series=("method",), skip=("seconds",),
+                              why="seconds per step of the machine that ran it"),
     "04_cost_ratio": CsvRule(("model", "text_tokens", "image_tokens"), close=("ratio",), rtol=ANALYTIC_RTOL),
     "04_cost_steps": CsvRule(("method", "repeat", "step"), exact=("text_tokens", "image_tokens", "images", "padded_positions"),
                              close=("gflop",), rtol=ANALYTIC_RTOL, skip=("seconds", "peak_rss_mb"),
@@ -319,17 +377,18 @@ def compare_table(name: str, committed: "pd.DataFrame", rerun: "pd.DataFrame", r
             continue
         crow, rrow = c.loc[key], r.loc[key]
         if rule.ci and pd.isna(crow["ci_low"]):  # a pooled rate has no interval: compare the items it counts
-            items = round(abs(float(rrow["rate"]) - float(crow["rate"])) * float(crow["n"]))
+            items_apart = round(abs(float(rrow["rate"]) - float(crow["rate"])) * float(crow["n"]))
             cells.append({"file": name, "row": label, "column": "rate", "committed": f"{_fmt(crow['rate'])} (no CI)",
-                          "rerun": _fmt(rrow["rate"]), "test": f"items apart {items} <= {rule.pooled_items}",
-                          "inside": items <= rule.pooled_items})
+                          "rerun": _fmt(rrow["rate"]), "test": f"items apart {items_apart} <= {rule.pooled_items}",
+                          "inside": items_apart <= rule.pooled_items})
         elif rule.ci:
-            inside = bool(crow["ci_low"] <= rrow["rate"] <= crow["ci_high"])
-            apart = round(abs(float(rrow["rate"]) - float(crow["rate"])) * float(crow["n"]))
-            test = "inside committed 95% CI" + (f" or items apart {apart} <= {items}" if items else "")
-            cells.append({"file": name, "row": label, "column": "rate",
-                          "committed": f"{_fmt(crow['rate'])} [{_fmt(crow['ci_low'])}, {_fmt(crow['ci_high'])}]",
-                          "rerun": _fmt(rrow["rate"]), "test": test, "inside": inside or (0 < items and apart <= items)})
+            cells.append(_rate_cell(name, label, "rate", crow, rrow, ("rate", "ci_low", "ci_high", "n"), items))
+        for col in rule.ci_rates:
+            cells.append(_rate_cell(name, label, col, crow, rrow, (col, f"{col}_ci_low", f"{col}_ci_high", f"{col}_n"),
+                                    items))
+            cells.append({"file": name, "row": label, "column": f"{col}_n", "committed": _fmt(crow[f"{col}_n"]),
+                          "rerun": _fmt(rrow[f"{col}_n"]), "test": "equal",
+                          "inside": _same(crow[f"{col}_n"], rrow[f"{col}_n"])})
         for col in rule.exact:
             cells.append({"file": name, "row": label, "column": col, "committed": _fmt(crow[col]), "rerun": _fmt(rrow[col]),
                           "test": "equal", "inside": _same(crow[col], rrow[col])})
@@ -339,6 +398,21 @@ def compare_table(name: str, committed: "pd.DataFrame", rerun: "pd.DataFrame", r
             cells.append({"file": name, "row": label, "column": col, "committed": _fmt(crow[col]), "rerun": _fmt(rrow[col]),
                           "test": f"|diff| {diff:.3g} <= {tol:.3g}", "inside": bool(diff <= tol)})
     return cells
+
+
+def _rate_cell(name: str, label: str, column: str, crow, rrow, cols: tuple[str, str, str, str], items: int) -> dict:
+    """One rate compared: the rerun's value inside the committed [low, high], or within `items` items of the
+    committed count (value x n) when items > 0. `cols`: the value, low, high and n columns."""
+    value, low, high, n = cols
+    if pd.isna(crow[value]) and pd.isna(rrow[value]):
+        return {"file": name, "row": label, "column": column, "committed": "-", "rerun": "-", "test": "both empty",
+                "inside": True}
+    inside = bool(crow[low] <= rrow[value] <= crow[high])
+    apart = round(abs(float(rrow[value]) - float(crow[value])) * float(crow[n]))
+    test = "inside committed 95% CI" + (f" or items apart {apart} <= {items}" if items else "")
+    return {"file": name, "row": label, "column": column,
+            "committed": f"{_fmt(crow[value])} [{_fmt(crow[low])}, {_fmt(crow[high])}]", "rerun": _fmt(rrow[value]),
+            "test": test, "inside": inside or (0 < items and apart <= items)}
 
 
 def compare_figures(rerun: str | Path | None = None, committed: str | Path | None = None, *, root: str | Path | None = None,
