@@ -140,3 +140,19 @@ def test_dataset_level_hook_applies_to_the_shared_prefix(micro):
     finally:
         handle.remove()
     assert steered != G.generate(micro.model, micro.processor, texts, images, max_new_tokens=8, batch_size=4)
+
+
+def test_admit_groups_one_modality_of_similar_length():
+    """A prefill group is left-padded to its longest prompt: `_admit` takes prompts from the head of the (length-
+    sorted) queue while they share the first one's modality, fit in the free rows and are at most MAX_LENGTH_RATIO
+    times its length; the rest wait for a later group."""
+    texts = ["a" * 10, "a" * 12, "a" * 15, "a" * 16, "a" * 40, "b" * 12]
+    images = [None, None, None, None, None, "image"]
+    queue = [0, 1, 2, 3, 4, 5]
+    assert G._admit(queue, texts, images, free=8) == [0, 1, 2]  # 16 > 1.5 x 10
+    assert G._admit(queue, texts, images, free=8) == [3]  # 40 > 1.5 x 16
+    assert G._admit(queue, texts, images, free=1) == [4]
+    assert G._admit(queue, texts, images, free=8) == [5]  # the other modality starts its own group
+    assert queue == []
+    queue = [0, 1, 2]
+    assert G._admit(queue, texts, images, free=2) == [0, 1] and queue == [2]  # no more rows than are free
