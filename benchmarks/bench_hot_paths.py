@@ -38,16 +38,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_generate import gemm_ceiling, matmul_params  # noqa: E402
+from bench_generate import _rows, gemm_ceiling, matmul_params  # noqa: E402
 from tu_lib.analysis.repgap import hidden_states, matched_inputs  # noqa: E402
 from tu_lib.models import load_vlm  # noqa: E402
 from tu_lib.models.likelihood import continuation_logprobs  # noqa: E402
 from tu_lib.models.presets.micro import neutral_corpus  # noqa: E402
-
-
-def _rows(path: Path, n: int) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line, _ in zip(f, range(n))]
 
 
 def _texts(name: str, key: str, n: int) -> tuple[list[str], str]:
