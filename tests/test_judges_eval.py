@@ -167,6 +167,26 @@ def test_fluency_many_answer_lists_share_prompts(micro):
         judge.perplexity_many(prompts, [["only one answer"]])
 
 
+def test_fluency_scores_each_distinct_answer_to_a_prompt_once(micro, monkeypatch):
+    """A curve's checkpoints mostly answer alike: a repeated answer to a prompt is scored once and its perplexity
+    given to every model that gave it, the same as scoring each model alone; the same text under another prompt is
+    scored again (the prompt is its context)."""
+    from tu_lib.judges import fluency
+
+    judge = J.FluencyJudge(micro.model, micro.tokenizer, lambda p: micro.chat(p, False), batch_size=2)
+    prompts = ["What is shown in this image?", "Hi"]
+    lists = [["A blue door.", "A blue door."], ["A blue door.", "Hello there."], ["A blue door.", "A blue door."]]
+    scored = []
+    real = fluency.continuation_logprobs
+    monkeypatch.setattr(fluency, "continuation_logprobs",
+                        lambda model, chats, conts, **kw: scored.append([len(c) for c in conts]) or real(model, chats, conts, **kw))
+    many = judge.perplexity_many(prompts, lists)
+    assert scored == [[1, 2]]  # prompt 0: one distinct answer; prompt 1: two
+    for answers, got in zip(lists, many):
+        assert np.allclose(got, judge.perplexity(prompts, answers), rtol=1e-4)
+    assert many[0][0] == many[1][0] == many[2][0] and many[0][1] == many[2][1] != many[1][1]
+
+
 def test_fluency_repetition_rule(micro):
     judge = J.FluencyJudge(micro.model, micro.tokenizer, perplexity_threshold=float("inf"))
     assert judge.longest_repeat("") == 0

@@ -83,12 +83,15 @@ class FluencyJudge:
         chats = [self._ids(self.chat(p)) for p in prompts]
         if any(not c for c in chats):
             raise TuError("A prompt formats to zero tokens, so the answer's first token has no context; check `chat`.")
-        conts = [[self._ids(answers[i])[:self.max_answer_tokens] if answers[i].strip() else [] for answers in answer_lists]
-                 for i in range(len(prompts))]
+        # each distinct answer to a prompt is scored once: the checkpoints of a training curve mostly give the same
+        # answers (stage 03's 3619 answers hold 1281 distinct (item, answer) pairs)
+        distinct = [list(dict.fromkeys(answers[i] for answers in answer_lists)) for i in range(len(prompts))]
+        conts = [[self._ids(a)[:self.max_answer_tokens] if a.strip() else [] for a in texts] for texts in distinct]
         lps = continuation_logprobs(self.model, chats, conts, batch_size=int(batch_size or self.batch_size),
                                     pad_id=self.tokenizer.pad_token_id)
-        return [np.array([np.exp(-lps[i][m].astype(np.float64).mean()) if len(lps[i][m]) else np.nan
-                          for i in range(len(prompts))]) for m in range(len(answer_lists))]
+        ppl = [{a: np.exp(-lp.astype(np.float64).mean()) if len(lp) else np.nan for a, lp in zip(texts, lps[i])}
+               for i, texts in enumerate(distinct)]
+        return [np.array([ppl[i][answers[i]] for i in range(len(prompts))]) for answers in answer_lists]
 
     def longest_repeat(self, answer: str) -> int:
         """How many times in a row the most repeated unit of 1..max_repeat_unit tokens occurs."""
