@@ -11,7 +11,7 @@ In one process it measures
   limits them (`gemm_ceiling`);
 - today's path, `generate_reference` (`model.generate` over left-padded batches sorted by length), and the
   new path, `generate` (the greedy loop: shared prefix cache, logits for the last position only, finished
-  rows leave the batch), each as seconds per item, useful GFLOP/s and share of the ceiling;
+  rows leave the batch, KV caches appended in place), each as seconds per item, useful GFLOP/s and share of the ceiling;
 - whether the two give identical greedy outputs, item by item (and optionally `--per-sample` too);
 - with `--bf16`, the new path with the model in bfloat16 (the fast mode of CPUs with AVX512-BF16 or AMX, and of
   GPUs): its seconds per item and how many greedy outputs differ from float32's.

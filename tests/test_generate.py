@@ -156,3 +156,63 @@ def test_admit_groups_one_modality_of_similar_length():
     assert queue == []
     queue = [0, 1, 2]
     assert G._admit(queue, texts, images, free=2) == [0, 1] and queue == [2]  # no more rows than are free
+
+
+def test_growing_cache_layer_holds_what_dynamic_layer_holds():
+    """`GrowingLayer` (in-place appends) against HF's DynamicLayer (a cat per append) through every operation the
+    greedy loop performs: a prefill chunk, single-token steps past the buffer's headroom (a reallocation), rows
+    leaving, the prefix's repeat, and a join of two row sets left-padded to a common width."""
+    from transformers.cache_utils import DynamicLayer
+
+    from tu_lib.models import kv_cache
+
+    torch.manual_seed(0)
+
+    def kv(b, n):
+        return torch.randn(b, 3, n, 8), torch.randn(b, 3, n, 8)
+
+    grow, ref = kv_cache.GrowingLayer(), DynamicLayer()
+    for chunk in [kv(4, 7)] + [kv(4, 1) for _ in range(kv_cache.HEADROOM + 5)]:
+        got, want = grow.update(*chunk), ref.update(*chunk)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    keep = torch.tensor([0, 2, 3])
+    grow.batch_select_indices(keep), ref.batch_select_indices(keep)
+    grow.batch_repeat_interleave(2), ref.batch_repeat_interleave(2)
+    assert torch.equal(grow.keys, ref.keys) and torch.equal(grow.values, ref.values)
+
+    other_grow, other_ref = kv_cache.GrowingLayer(), DynamicLayer()
+    chunk = kv(2, 30)
+    other_grow.update(*chunk), other_ref.update(*chunk)
+    width = max(grow.get_seq_length(), 30) + 3
+    grow.join_left_padded(other_grow, width)
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
+
+    assert torch.equal(grow.keys, torch.cat([pad(ref.keys), pad(other_ref.keys)]))
+    assert torch.equal(grow.values, torch.cat([pad(ref.values), pad(other_ref.values)]))
+
+
+def test_growing_cache_layer_appends_in_place():
+    """The point of GrowingLayer: a decode step writes into the buffer it already has (no copy of the whole cache per
+    step, which took a third of stage 03's generation time with DynamicLayer) until the headroom is used up."""
+    from tu_lib.models import kv_cache
+
+    layer = kv_cache.GrowingLayer()
+    layer.update(torch.zeros(2, 3, 5, 8), torch.zeros(2, 3, 5, 8))
+    buffer = layer._keys.data_ptr()
+    for _ in range(kv_cache.HEADROOM):
+        keys, _ = layer.update(torch.ones(2, 3, 1, 8), torch.ones(2, 3, 1, 8))
+        assert keys.data_ptr() == buffer
+    layer.update(torch.ones(2, 3, 1, 8), torch.ones(2, 3, 1, 8))
+    assert layer._keys.data_ptr() != buffer and layer.get_seq_length() == 5 + kv_cache.HEADROOM + 1
+
+
+def test_generate_with_reallocating_caches_equals_one_prompt_at_a_time(micro, early_eos, monkeypatch):
+    """With no headroom every append reallocates the buffers: the answers stay those of one prompt at a time."""
+    from tu_lib.models import kv_cache
+
+    monkeypatch.setattr(kv_cache, "HEADROOM", 0)
+    texts, images = _inputs(micro, "mixed")
+    assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=12, batch_size=3) == \
+        _per_sample(micro, texts, images, 12)

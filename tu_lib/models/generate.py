@@ -10,7 +10,9 @@ nothing is needed on a CPU:
   prompt's ~45 tokens): its KV cache is computed once per call and copied into every batch (`_Prefix`);
 - a batch decodes until its longest answer ends, on fewer and fewer rows: here rows leave the batch (and
   its cache) as they finish and waiting prompts join it (continuous batching), so decode steps stay
-  matrix-matrix work.
+  matrix-matrix work;
+- HF's DynamicCache copies every layer's whole cache on every decode step (`torch.cat`): the caches here append
+  in place (`kv_cache.GrowingLayer`), the same keys and values without the copy.
 `generate_jsonl` is the resumable form for long runs: outputs are appended to a JSONL file as rows
 finish, so an interrupted evaluation restarts where it stopped instead of from zero."""
 from __future__ import annotations
@@ -114,12 +116,12 @@ def _common_prefix(model, processor, texts: Sequence[str]) -> list[int]:
 
 @torch.inference_mode()
 def _make_prefix(model, processor, texts: Sequence[str]) -> _Prefix | None:
-    from transformers import DynamicCache
+    from .kv_cache import new_cache
 
     ids = _common_prefix(model, processor, texts)
     if not ids:
         return None
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model.config)
     model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
     return _Prefix(ids, cache)
 
@@ -140,15 +142,15 @@ class _Rows(NamedTuple):
     def join(self, other: "_Rows") -> "_Rows":
         """Both sets of rows in one batch: the shorter cache is left-padded with masked columns, so each row
         still attends to exactly its own positions (positions are explicit, not column numbers)."""
+        from .kv_cache import join_left_padded
+
         width = max(self.mask.shape[1], other.mask.shape[1])
 
-        def pad(t, dim):  # left-pad dimension `dim` to `width` with zeros
-            return torch.nn.functional.pad(t, (0, 0) * (t.ndim - 1 - dim) + (width - t.shape[dim], 0))
+        def pad(t):  # left-pad the mask's columns to `width` with zeros
+            return torch.nn.functional.pad(t, (width - t.shape[1], 0))
 
-        for mine, theirs in zip(self.cache.layers, other.cache.layers):
-            mine.keys = torch.cat([pad(mine.keys, 2), pad(theirs.keys, 2)])
-            mine.values = torch.cat([pad(mine.values, 2), pad(theirs.values, 2)])
-        return _Rows(self.idx + other.idx, self.cache, torch.cat([pad(self.mask, 1), pad(other.mask, 1)]),
+        join_left_padded(self.cache, other.cache, width)
+        return _Rows(self.idx + other.idx, self.cache, torch.cat([pad(self.mask), pad(other.mask)]),
                      torch.cat([self.pos, other.pos]), torch.cat([self.token, other.token]))
 
 
@@ -157,7 +159,7 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
              prefix: _Prefix | None) -> tuple[_Rows, torch.Tensor]:
     """The prompts' forward pass, after the shared prefix (its cache copied, not recomputed): the new rows
     and their last position's logits (the only ones computed)."""
-    from transformers import DynamicCache
+    from .kv_cache import new_cache
 
     device = model.device
     enc = _encode(processor, texts, images)
@@ -180,7 +182,7 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
         cache = copy.deepcopy(prefix.cache)
         cache.batch_repeat_interleave(B)
     else:
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model.config)
     pixel_values = enc["pixel_values"].to(device, model.dtype) if "pixel_values" in enc else None
     out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
