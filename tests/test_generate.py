@@ -158,14 +158,18 @@ def test_admit_groups_one_modality_of_similar_length():
     assert G._admit(queue, texts, images, free=2) == [0, 1] and queue == [2]  # no more rows than are free
 
 
-def test_growing_cache_layer_holds_what_dynamic_layer_holds():
+def test_growing_cache_layer_holds_what_dynamic_layer_holds(monkeypatch):
     """`GrowingLayer` (in-place appends) against HF's DynamicLayer (a cat per append) through every operation the
     greedy loop performs: a prefill chunk, single-token steps past the buffer's headroom (a reallocation), rows
-    leaving, the prefix's repeat, and a join of two row sets left-padded to a common width."""
+    leaving, the prefix's repeat, and a join of two row sets left-padded to a common width. New buffers start as NaN
+    here, so a position the views expose without writing it (e.g. a join's padding) shows."""
     from transformers.cache_utils import DynamicLayer
 
     from tu_lib.models import kv_cache
 
+    allocate = kv_cache.GrowingLayer._allocate
+    monkeypatch.setattr(kv_cache.GrowingLayer, "_allocate",
+                        lambda self, *a: tuple(t.fill_(float("nan")) for t in allocate(self, *a)))
     torch.manual_seed(0)
 
     def kv(b, n):

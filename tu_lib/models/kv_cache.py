@@ -31,19 +31,19 @@ class GrowingLayer(DynamicLayer):
         self._keys, self._values = keys, values
         self.keys, self.values = keys[..., :filled, :], values[..., :filled, :]
 
-    def _allocate(self, like: torch.Tensor, batch: int, capacity: int, zeros: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """New buffers; `zeros` where positions that are read stay unwritten (a join's left padding: masked, but a
-        masked position's value still enters attention's weighted sum with weight 0, so it must not be NaN)."""
+    def _allocate(self, like: torch.Tensor, batch: int, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New, uninitialised buffers: the caller writes every position it exposes through the views (a join's left
+        padding too: masked, but a masked position's value still enters attention's weighted sum with weight 0, so it
+        must not be NaN)."""
         shape = (batch, like.shape[1], capacity, like.shape[3])
-        make = like.new_zeros if zeros else like.new_empty
-        return make(shape), make(shape)
+        return like.new_empty(shape), like.new_empty(shape)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         filled, new = self.get_seq_length(), key_states.shape[-2]
         if self._keys is None or filled + new > self._keys.shape[-2]:
-            keys, values = self._allocate(key_states, key_states.shape[0], filled + new + HEADROOM, zeros=False)
+            keys, values = self._allocate(key_states, key_states.shape[0], filled + new + HEADROOM)
             if filled:
                 keys[..., :filled, :] = self.keys
                 values[..., :filled, :] = self.values
@@ -65,13 +65,13 @@ class GrowingLayer(DynamicLayer):
     def join_left_padded(self, other: "GrowingLayer", width: int) -> None:
         """This layer's rows, then `other`'s, each left-padded with zeros to `width` positions (masked by the caller),
         in one new buffer."""
-        mine, theirs = self.get_seq_length(), other.get_seq_length()
-        b1, b2 = self.keys.shape[0], other.keys.shape[0]
-        keys, values = self._allocate(self.keys, b1 + b2, width + HEADROOM, zeros=True)
-        keys[:b1, :, width - mine:width] = self.keys
-        values[:b1, :, width - mine:width] = self.values
-        keys[b1:, :, width - theirs:width] = other.keys
-        values[b1:, :, width - theirs:width] = other.values
+        b1 = self.keys.shape[0]
+        keys, values = self._allocate(self.keys, b1 + other.keys.shape[0], width + HEADROOM)
+        for rows, layer in ((slice(None, b1), self), (slice(b1, None), other)):
+            pad = width - layer.get_seq_length()
+            for buffer, part in ((keys, layer.keys), (values, layer.values)):
+                buffer[rows, :, :pad] = 0  # masked, but must not be NaN (_allocate)
+                buffer[rows, :, pad:width] = part
         self._set(keys, values, width)
 
     def crop(self, tokens_to_remove: int) -> None:  # not used by generate; kept consistent with the views
