@@ -74,10 +74,6 @@ class GrowingLayer(DynamicLayer):
                 buffer[rows, :, pad:width] = part
         self._set(keys, values, width)
 
-    def crop(self, tokens_to_remove: int) -> None:  # not used by generate; kept consistent with the views
-        super().crop(tokens_to_remove)
-        self._keys = self._values = None
-
 
 def new_cache(config) -> DynamicCache:
     """A DynamicCache for `config` whose full-attention layers append in place (other layer kinds, e.g. sliding
