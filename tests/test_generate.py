@@ -220,3 +220,66 @@ def test_generate_with_reallocating_caches_equals_one_prompt_at_a_time(micro, ea
     texts, images = _inputs(micro, "mixed")
     assert G.generate(micro.model, micro.processor, texts, images, max_new_tokens=12, batch_size=3) == \
         _per_sample(micro, texts, images, 12)
+
+
+def _jsonl_items(micro):
+    texts, images = _inputs(micro, "mixed")
+    return [{"key": i, "text": t, "image": im} for i, (t, im) in enumerate(zip(texts, images))]
+
+
+def test_replayed_lower_layers_give_the_answers_of_a_full_prefill(micro, tmp_path):
+    """A second model whose lower layers equal the first's prefills only its upper layers from the stored states:
+    the answers equal those of its own full prefill (here the upper layers are perturbed, so the answers differ from the
+    first model's and the replay must carry the upper layers' own computation)."""
+    from tu_lib.models.lower_layers import SharedLowerLayers
+
+    items = _jsonl_items(micro)
+    layers = micro.decoder_layers()
+    k = len(layers) // 2
+    store = SharedLowerLayers(k)
+    first = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "first.jsonl", max_new_tokens=9,
+                             batch_size=3, lower=store)
+    assert len(store.states) == len(items)
+    replays = []
+    original = store.batch
+    store.batch = lambda keys, width: replays.append(keys) or original(keys, width)
+    saved = {n: p.detach().clone() for n, p in layers[k].named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in layers[k].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        full = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "full.jsonl", max_new_tokens=9,
+                                batch_size=3)
+        replayed = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "replay.jsonl", max_new_tokens=9,
+                                    batch_size=3, lower=store)
+    finally:
+        with torch.no_grad():
+            for n, p in layers[k].named_parameters():
+                p.copy_(saved[n])
+    assert replayed == full and full != first
+    assert sum(len(keys) for keys in replays) == len(items)  # every input's lower layers were replayed
+
+
+def test_lower_layers_of_other_weights_are_not_replayed(micro, tmp_path):
+    from tu_lib.models.lower_layers import SharedLowerLayers
+
+    items = _jsonl_items(micro)
+    layers = micro.decoder_layers()
+    store = SharedLowerLayers(len(layers) // 2)
+    G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "first.jsonl", max_new_tokens=9, batch_size=3,
+                     lower=store)
+    saved = {n: p.detach().clone() for n, p in layers[0].named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in layers[0].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        assert not store.usable_with(micro.model)
+        full = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "full.jsonl", max_new_tokens=9,
+                                batch_size=3)
+        other = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "other.jsonl", max_new_tokens=9,
+                                 batch_size=3, lower=store)
+    finally:
+        with torch.no_grad():
+            for n, p in layers[0].named_parameters():
+                p.copy_(saved[n])
+    assert other == full

@@ -30,8 +30,29 @@ def method_weights(vlm, P: dict, method: str, folder: Path | None = None):
     return adapter_applied(vlm, folder if folder is not None else resolve_path(P["unlearn_dir"]) / method)
 
 
+def shared_lower_layers(P: dict):
+    """A store for the prefill states of the decoder layers all of P's models share (models.lower_layers): the layers
+    below the lowest `lora_first_layer` of stage 02's runs of P's methods; None when a run adapts every layer (or
+    fine-tunes the whole LLM) or cannot be read. WORK IN PROGRESS (branch wip/lower-layer-replay)."""
+    import json
+
+    from ..models.lower_layers import SharedLowerLayers
+
+    firsts = []
+    for m in P["methods"]:
+        if m == "base":
+            continue
+        try:
+            config = json.loads((resolve_path(P["unlearn_dir"]) / m / "summary.json").read_text(encoding="utf-8"))["config"]
+        except (OSError, ValueError, KeyError):
+            return None
+        firsts.append(config.get("lora_first_layer", 0) if config.get("lora", True) else 0)
+    k = min(firsts, default=0)
+    return SharedLowerLayers(k) if k > 0 else None
+
+
 def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path, folder: Path | None = None,
-                    desc: str | None = None) -> list[str]:
+                    desc: str | None = None, lower=None) -> list[str]:
     """Answers of one model (method_weights: `method`'s final weights, or those of `folder`) to every item,
     resumable, in out/generations/<preset>/<method>-<weights>.jsonl: the file is named by the weights' fingerprint,
     so a retrained adapter, another curve point or a rebuilt organism never reuses old answers."""
@@ -41,7 +62,7 @@ def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path, fol
         path = out / "generations" / vlm.preset / f"{method}-{weights}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         return generate_jsonl(vlm.model, vlm.processor, rows, path, max_new_tokens=P["max_new_tokens"],
-                              batch_size=P["batch_size"], desc=desc or method, model_id=weights)
+                              batch_size=P["batch_size"], desc=desc or method, model_id=weights, lower=lower)
 
 
 class Judges:

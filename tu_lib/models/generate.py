@@ -156,9 +156,10 @@ class _Rows(NamedTuple):
 
 @torch.inference_mode()
 def _prefill(model, processor, texts: list[str], images: list | None, idx: list[int],
-             prefix: _Prefix | None) -> tuple[_Rows, torch.Tensor]:
+             prefix: _Prefix | None, keys: list[str] | None = None, lower=None) -> tuple[_Rows, torch.Tensor]:
     """The prompts' forward pass, after the shared prefix (its cache copied, not recomputed): the new rows
-    and their last position's logits (the only ones computed)."""
+    and their last position's logits (the only ones computed). With `lower` (a lower_layers.SharedLowerLayers usable
+    with this model) and the inputs' `keys`, the shared lower layers' states are replayed when stored, else recorded."""
     from .kv_cache import new_cache
 
     device = model.device
@@ -184,8 +185,26 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
     else:
         cache = new_cache(model.config)
     pixel_values = enc["pixel_values"].to(device, model.dtype) if "pixel_values" in enc else None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, pixel_values=pixel_values,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                  logits_to_keep=1)
+    if lower is not None and lower.has(keys):
+        from .lower_layers import replaying
+
+        with replaying(model, lower, *lower.batch(keys, W)):
+            out = model(**inputs, pixel_values=None)
+    elif lower is not None:
+        from .lower_layers import _inner
+
+        seen = {}
+        hook = _inner(model).model.language_model.layers[lower.layers - 1].register_forward_hook(
+            lambda module, args, output: seen.__setitem__("hidden", output))
+        try:
+            out = model(**inputs, pixel_values=pixel_values)
+        finally:
+            hook.remove()
+        lower.record(keys, cache, seen["hidden"], [len(o) for o in own])
+    else:
+        out = model(**inputs, pixel_values=pixel_values)
     return _Rows(idx, cache, mask, pos[:, -1], ids[:, -1]), out.logits[:, -1, :]
 
 
@@ -221,7 +240,7 @@ def _admit(queue: list[int], texts: Sequence[str], images: Sequence, free: int) 
 
 @torch.inference_mode()
 def _run_greedy(model, processor, texts, images, batch_size: int, max_new_tokens: int, desc: str, out: list,
-                on_batch=None, before_batch=None, prefix: _Prefix | None = None) -> None:
+                on_batch=None, before_batch=None, prefix: _Prefix | None = None, keys=None, lower=None) -> None:
     """Greedy answers of all inputs with up to `batch_size` rows decoded together (continuous batching).
 
     A greedy loop over the model's forward with HF's DynamicCache, `model.generate`'s greedy decode without
@@ -250,7 +269,8 @@ def _run_greedy(model, processor, texts, images, batch_size: int, max_new_tokens
                 if before_batch is not None:
                     before_batch(group)
                 imgs = [images[i] for i in group] if images[group[0]] is not None else None
-                new, logits = _prefill(model, processor, [texts[i] for i in group], imgs, group, prefix)
+                new, logits = _prefill(model, processor, [texts[i] for i in group], imgs, group, prefix,
+                                       keys=[keys[i] for i in group] if lower is not None else None, lower=lower)
             else:
                 if before_batch is not None:
                     before_batch(rows.idx)
@@ -416,7 +436,7 @@ def _check_items(items: Sequence[dict]) -> None:
 
 
 def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathLike, *, max_new_tokens: int = 48,
-                   batch_size: int = 16, desc: str = "generate", model_id: str | None = None) -> list[str]:
+                   batch_size: int = 16, desc: str = "generate", model_id: str | None = None, lower=None) -> list[str]:
     """`generate`, resumable: answers are appended to the JSONL file at `path`, one row per item
     ({"key", "answer", "input_sha256", "max_new_tokens", "model_id"}), flushed to disk as rows finish.
 
@@ -460,9 +480,11 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
 
         sub_t, sub_i = [texts[i] for i in todo], [images[i] for i in todo]
         sub_out: list[str | None] = [None] * len(todo)
+        if lower is not None and not lower.usable_with(model):
+            lower = None  # this model's shared layers differ from the stored states' model: prefill them itself
         _run_greedy(model, processor, sub_t, sub_i, batch_size, max_new_tokens, desc, sub_out,
                     on_batch=lambda batch, answers: append([todo[j] for j in batch], answers),
-                    prefix=_make_prefix(model, processor, sub_t))
+                    prefix=_make_prefix(model, processor, sub_t), keys=[hashes[i] for i in todo], lower=lower)
     for j, i in enumerate(todo):
         out[i] = sub_out[j]
     return out  # type: ignore[return-value]

@@ -205,10 +205,12 @@ def evaluated_weights(picks: dict[str, dict], method: str) -> tuple[str, Path | 
     return method, (resolve_path(pick["checkpoint"]) if pick else None)
 
 
-def generate_picked(vlm, P: dict, method: str, items: list[dict], out: Path, picks: dict[str, dict]) -> list[str]:
-    """generate_method at the checkpoint `picks` holds for `method` (evaluated_weights)."""
+def generate_picked(vlm, P: dict, method: str, items: list[dict], out: Path, picks: dict[str, dict],
+                    lower=None) -> list[str]:
+    """generate_method at the checkpoint `picks` holds for `method` (evaluated_weights); `lower`: a
+    judging.shared_lower_layers store shared by the calls over the same items."""
     model, folder = evaluated_weights(picks, method)
-    return generate_method(vlm, P, model, items, out, folder=folder, desc=method)
+    return generate_method(vlm, P, model, items, out, folder=folder, desc=method, lower=lower)
 
 
 def mc1_picked(vlm, P: dict, method: str, provenance: dict, picks: dict[str, dict]) -> list[dict]:
