@@ -225,6 +225,55 @@ def test_generations_are_kept_per_weights(tmp_path):
     assert len(list((tmp_path / "generations" / "micro").glob("base-*.jsonl"))) == 2  # new weights: generated afresh
 
 
+
+def _micro_method_run(vlm, run, first_layer: int, seed: int) -> None:
+    """A stage-02 method folder for the micro model: a random (non-zero) LoRA adapter on decoder layers first_layer..
+    and the summary's config, as generate_models reads them."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from tu_lib.models.adapters import lora_target_regex, save_adapter
+
+    torch.manual_seed(seed)
+    layers = range(first_layer, len(vlm.decoder_layers()))
+    target = lora_target_regex(vlm.language_model_module_name(), ["q_proj", "v_proj", "down_proj"], layers)
+    peft_model = get_peft_model(vlm.model, LoraConfig(r=4, target_modules=target, init_lora_weights=False))
+    save_adapter(peft_model, run / "adapter", dtype=torch.float32)
+    vlm.model = peft_model.unload()
+    run.joinpath("summary.json").write_text(json.dumps({"config": {"lora_first_layer": first_layer}}))
+
+
+def test_models_sharing_their_lower_layers_answer_as_when_generated_alone(tmp_path, monkeypatch):
+    """generate_models prefills the layers below the adapters once per item and replays them for the other models;
+    each model's answers equal those of its own generation (and the adapters do change the answers)."""
+    from tu_lib.models.lower_layers import SharedLowerLayers
+
+    vlm = models.load_vlm("micro")
+    k = len(vlm.decoder_layers()) // 2
+    u = tmp_path / "u"
+    for seed, m in enumerate(["m1", "m2"]):
+        _micro_method_run(vlm, u / m, k, seed)
+    P = {"max_new_tokens": 8, "batch_size": 3, "unlearn_dir": str(u), "methods": ["base", "m1", "m2"]}
+    prompts = ["What is shown here?", "Hi", "Describe the picture.", "Name a colour.", "Count to three.", "Why?"]
+    items = [{"key": f"k{i}", "text": vlm.chat(p, i % 2 == 0),
+              "image": Image.effect_noise((120, 100), 40 + i).convert("RGB") if i % 2 == 0 else None}
+             for i, p in enumerate(prompts)]
+    wanted = {"base": ("base", None), "m1": ("m1", None), "m2@early": ("m2", u / "m2")}
+    alone = {label: evaluation.generate_method(vlm, P, m, items, tmp_path / "alone", folder=folder)
+             for label, (m, folder) in wanted.items()}
+    replays, original = [], SharedLowerLayers.replaying
+    monkeypatch.setattr(SharedLowerLayers, "replaying",
+                        lambda self, model, keys, width: replays.append(keys) or original(self, model, keys, width))
+    shared = evaluation.generate_models(vlm, P, wanted, items, tmp_path / "shared")
+    assert shared == alone
+    assert alone["m1"] != alone["base"] and alone["m2@early"] != alone["base"]
+    assert sum(len(keys) for keys in replays) == 2 * len(items)  # both adapted models replayed every item
+    assert evaluation.judging.shared_lower_layers({**P, "methods": ["base"]}) is None  # nothing to share with
+    _micro_method_run(vlm, u / "m3", 0, 3)  # a run adapting every layer: no layer is shared
+    assert evaluation.judging.shared_lower_layers({**P, "methods": ["m1", "m3"]}) is None
+
+
 # ---- validation and test (issue 19): stage 03 reads one part of every set --------------------------------------------
 
 

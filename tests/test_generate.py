@@ -2,7 +2,9 @@
 through `model.generate`, on the tiny random `micro` preset. Speed is measured by benchmarks/bench_generate.py."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
 import pytest
 import torch
@@ -227,59 +229,64 @@ def _jsonl_items(micro):
     return [{"key": i, "text": t, "image": im} for i, (t, im) in enumerate(zip(texts, images))]
 
 
+@contextlib.contextmanager
+def _perturbed(layer):
+    """`layer`'s weights moved by noise for the block (a stand-in for another model's weights), restored after."""
+    saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                p.copy_(saved[n])
+
+
+def _counting_replays(store):
+    """The input keys of every replayed prefill of `store`, appended as they happen."""
+    replays, original = [], store.replaying
+    store.replaying = lambda model, keys, width: replays.append(keys) or original(model, keys, width)
+    return replays
+
+
 def test_replayed_lower_layers_give_the_answers_of_a_full_prefill(micro, tmp_path):
     """A second model whose lower layers equal the first's prefills only its upper layers from the stored states:
     the answers equal those of its own full prefill (here the upper layers are perturbed, so the answers differ from the
     first model's and the replay must carry the upper layers' own computation)."""
     from tu_lib.models.lower_layers import SharedLowerLayers
 
-    items = _jsonl_items(micro)
-    layers = micro.decoder_layers()
+    items, layers = _jsonl_items(micro), micro.decoder_layers()
     k = len(layers) // 2
     store = SharedLowerLayers(k)
-    first = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "first.jsonl", max_new_tokens=9,
-                             batch_size=3, lower=store)
+    run = functools.partial(G.generate_jsonl, micro.model, micro.processor, items, max_new_tokens=9, batch_size=3)
+    first = run(tmp_path / "first.jsonl", lower=store)
     assert len(store.states) == len(items)
-    replays = []
-    original = store.batch
-    store.batch = lambda keys, width: replays.append(keys) or original(keys, width)
-    saved = {n: p.detach().clone() for n, p in layers[k].named_parameters()}
-    try:
-        with torch.no_grad():
-            for p in layers[k].parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        full = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "full.jsonl", max_new_tokens=9,
-                                batch_size=3)
-        replayed = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "replay.jsonl", max_new_tokens=9,
-                                    batch_size=3, lower=store)
-    finally:
-        with torch.no_grad():
-            for n, p in layers[k].named_parameters():
-                p.copy_(saved[n])
+    replays = _counting_replays(store)
+    with _perturbed(layers[k]):
+        full = run(tmp_path / "full.jsonl")
+        replayed = run(tmp_path / "replay.jsonl", lower=store)
     assert replayed == full and full != first
-    assert sum(len(keys) for keys in replays) == len(items)  # every input's lower layers were replayed
+    assert sorted(key for keys in replays for key in keys) == sorted(store.states)  # every input replayed
 
 
-def test_lower_layers_of_other_weights_are_not_replayed(micro, tmp_path):
+def test_lower_layers_of_other_weights_or_with_hooks_are_not_replayed(micro, tmp_path):
     from tu_lib.models.lower_layers import SharedLowerLayers
 
-    items = _jsonl_items(micro)
-    layers = micro.decoder_layers()
+    items, layers = _jsonl_items(micro), micro.decoder_layers()
     store = SharedLowerLayers(len(layers) // 2)
-    G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "first.jsonl", max_new_tokens=9, batch_size=3,
-                     lower=store)
-    saved = {n: p.detach().clone() for n, p in layers[0].named_parameters()}
-    try:
-        with torch.no_grad():
-            for p in layers[0].parameters():
-                p.add_(0.05 * torch.randn_like(p))
+    run = functools.partial(G.generate_jsonl, micro.model, micro.processor, items, max_new_tokens=9, batch_size=3)
+    first = run(tmp_path / "first.jsonl", lower=store)
+    replays = _counting_replays(store)
+    with _perturbed(layers[0]):
         assert not store.usable_with(micro.model)
-        full = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "full.jsonl", max_new_tokens=9,
-                                batch_size=3)
-        other = G.generate_jsonl(micro.model, micro.processor, items, tmp_path / "other.jsonl", max_new_tokens=9,
-                                 batch_size=3, lower=store)
+        full = run(tmp_path / "full.jsonl")
+        other = run(tmp_path / "other.jsonl", lower=store)
+    assert other == full and full != first and not replays
+    assert store.usable_with(micro.model)  # the same weights again
+    hook = layers[0].mlp.register_forward_hook(lambda module, args, output: output)  # e.g. a steering hook
+    try:
+        assert not store.usable_with(micro.model)
     finally:
-        with torch.no_grad():
-            for n, p in layers[0].named_parameters():
-                p.copy_(saved[n])
-    assert other == full
+        hook.remove()

@@ -11,6 +11,6 @@ from .curves import (CURVE_COLUMNS, curve_problem, first_reach, matched_cost_rat
                      step_gflop)
 from .inputs import input_files, input_hashes
 from .items import build_items, reading_rows
-from .judging import JUDGE_NAMES, Judges, generate_method
+from .judging import JUDGE_NAMES, Judges, generate_method, generate_models
 from .metrics import judge_agreement, mc1_for, metric_rows, paper_table, truthfulqa_mc1
 from .selection import RULE_CONDITIONS, picked_checkpoints, rule_problem, select_checkpoint

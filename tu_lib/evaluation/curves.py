@@ -26,7 +26,7 @@ from ..core.plots import theme
 from ..data.sets import ATTACK_SETS, EVAL_SETS
 from ..methods.run import curve_checkpoints
 from .items import build_items
-from .judging import generate_method, shared_lower_layers
+from .judging import generate_models
 from .metrics import judge_metrics, mc1_for
 
 TEXT_ATTACK_SETS = tuple(n for n in ATTACK_SETS if EVAL_SETS[n].image is None)
@@ -133,10 +133,8 @@ def score_curve(vlm, P: dict, judge_set, out, gflop_per_step: dict[str, float] |
              for it in build_items(vlm, V, name, v3_cache=out / "v3_images")[0]]
     models = {"base": ("base", 0, None), **{f"{m}@{s}": (m, s, folder) for m, pts in points.items()
                                             for s, folder in pts if s}}
-    lower = shared_lower_layers(V)  # the layers below the adapters: prefilled once per item, replayed for the others
-    answers = {label: generate_method(vlm, V, m, items, out, folder=folder, desc=f"{label} (validation)", lower=lower)
-               for label, (m, _, folder) in models.items()}
-    del lower
+    answers = generate_models(vlm, V, {label: (m, folder) for label, (m, _, folder) in models.items()}, items, out,
+                              desc="{label} (validation)")
     judged = judge_set.judge_all(items, answers)
     scores = {label: checkpoint_scores(judged[label], V["seed"]) for label in models}
     if "utility_truthfulqa" in V["sets"]:  # stage 03's MC1 row of each checkpoint, its columns renamed

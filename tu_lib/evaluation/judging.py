@@ -32,8 +32,9 @@ def method_weights(vlm, P: dict, method: str, folder: Path | None = None):
 
 def shared_lower_layers(P: dict):
     """A store for the prefill states of the decoder layers all of P's models share (models.lower_layers): the layers
-    below the lowest `lora_first_layer` of stage 02's runs of P's methods; None when a run adapts every layer (or
-    fine-tunes the whole LLM) or cannot be read. WORK IN PROGRESS (branch wip/lower-layer-replay)."""
+    below the lowest `lora_first_layer` of stage 02's runs of P's methods (15 on the organism's profiles). None when a
+    run adapts every layer (the paper profile's 0) or fine-tunes the whole LLM, or a run's summary cannot be read
+    (check_eval_inputs has then already said what is missing): every model then prefills in full."""
     import json
 
     from ..models.lower_layers import SharedLowerLayers
@@ -49,6 +50,17 @@ def shared_lower_layers(P: dict):
         firsts.append(config.get("lora_first_layer", 0) if config.get("lora", True) else 0)
     k = min(firsts, default=0)
     return SharedLowerLayers(k) if k > 0 else None
+
+
+def generate_models(vlm, P: dict, models: dict[str, tuple[str, Path | None]], items: list[dict], out: Path,
+                    desc: str = "{label}") -> dict[str, list[str]]:
+    """generate_method for each of `models` (label -> (method, checkpoint folder or None)) on the same items: the
+    layers below every model's adapters are prefilled once per item (by the first model) and replayed for the others
+    (shared_lower_layers; about a quarter of a validation pass per checkpoint on the organism), with the same answers
+    as prefilling each model in full. `desc`: the progress bar's label, formatted with `label`."""
+    lower = shared_lower_layers(P)
+    return {label: generate_method(vlm, P, m, items, out, folder=folder, desc=desc.format(label=label), lower=lower)
+            for label, (m, folder) in models.items()}
 
 
 def generate_method(vlm, P: dict, method: str, items: list[dict], out: Path, folder: Path | None = None,

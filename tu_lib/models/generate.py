@@ -159,7 +159,8 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
              prefix: _Prefix | None, keys: list[str] | None = None, lower=None) -> tuple[_Rows, torch.Tensor]:
     """The prompts' forward pass, after the shared prefix (its cache copied, not recomputed): the new rows
     and their last position's logits (the only ones computed). With `lower` (a lower_layers.SharedLowerLayers usable
-    with this model) and the inputs' `keys`, the shared lower layers' states are replayed when stored, else recorded."""
+    with this model) and the inputs' `keys`, the shared lower layers' states are replayed when all are stored, else
+    recorded."""
     from .kv_cache import new_cache
 
     device = model.device
@@ -187,24 +188,14 @@ def _prefill(model, processor, texts: list[str], images: list | None, idx: list[
     pixel_values = enc["pixel_values"].to(device, model.dtype) if "pixel_values" in enc else None
     inputs = dict(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                   logits_to_keep=1)
-    if lower is not None and lower.has(keys):
-        from .lower_layers import replaying
-
-        with replaying(model, lower, *lower.batch(keys, W)):
-            out = model(**inputs, pixel_values=None)
-    elif lower is not None:
-        from .lower_layers import _inner
-
-        seen = {}
-        hook = _inner(model).model.language_model.layers[lower.layers - 1].register_forward_hook(
-            lambda module, args, output: seen.__setitem__("hidden", output))
-        try:
-            out = model(**inputs, pixel_values=pixel_values)
-        finally:
-            hook.remove()
-        lower.record(keys, cache, seen["hidden"], [len(o) for o in own])
-    else:
+    if lower is None:
         out = model(**inputs, pixel_values=pixel_values)
+    elif lower.has(keys):  # layers 0..k-1 and the vision tower replayed from the states stored for these inputs
+        with lower.replaying(model, keys, W):
+            out = model(**inputs, pixel_values=None)
+    else:
+        with lower.recording(model, keys, cache, [len(o) for o in own]):
+            out = model(**inputs, pixel_values=pixel_values)
     return _Rows(idx, cache, mask, pos[:, -1], ids[:, -1]), out.logits[:, -1, :]
 
 
@@ -445,7 +436,8 @@ def generate_jsonl(model, processor, items: Sequence[dict], path: str | os.PathL
     most the rows in flight (at most `batch_size`); a row whose input hash, max_new_tokens or model_id (e.g.
     `weights_fingerprint(model)`) differs from this run is an error (stale answers must not be mixed
     with new ones: use a new path). Rows for keys not in `items` are left alone. Returns the answers
-    in item order."""
+    in item order. `lower`: a lower_layers.SharedLowerLayers shared by calls of several models on the same inputs;
+    used only when this model's shared layers are those it recorded from (and carry no forward hooks)."""
     _check_items(items)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

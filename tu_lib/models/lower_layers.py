@@ -1,23 +1,37 @@
-"""Prefill states of the decoder layers every evaluated model shares, computed once per input (WORK IN PROGRESS).
+"""Prefill states of the decoder layers that every evaluated model shares, computed once per input.
 
-Stage 02 trains LoRA on the decoder layers from `lora_first_layer` on (15 of the organism's 30), so for stage 03's 26
-models (base, curve points, picks) the embeddings, the vision tower, the projector and layers 0..k-1 compute the same
-states for a prompt. `SharedLowerLayers` records, during the first model's prefill of an input, layer 0..k-1's keys and
-values and layer k-1's output for the input's own tokens (after the shared chat prefix); a later model whose shared
-part has the same weights prefills only layers k.. from them: its prefill's decoder layers 0..k-1 are swapped for
-`_Replay` modules that write the stored keys/values into the cache and hand on the stored states (no pixel_values:
-the tower is not run). Measured with a prototype (2026-12-07): prefill 51.9 -> 28.1 s on stage 03's 329 test items for
-textual_ga, every answer equal to the normal path's.
+Why: stage 02 trains LoRA on the decoder layers from `lora_first_layer` on (15 of the organism's 30), so for stage 03's
+26 models (base, training-curve points, picks) the embeddings, the vision tower, the projector and layers 0..k-1
+compute the same states for a prompt, and they are about half of every prefill. `SharedLowerLayers` records, during
+the first model's prefill of an input, layers 0..k-1's keys and values and layer k-1's output over the input's own
+tokens (those after the shared chat prefix). A later model whose shared part has the same weights (`usable_with`:
+a hash of them) prefills only layers k.. from those: in its prefill, decoder layers 0..k-1 are swapped for `_Replay`
+modules that write the stored keys/values into the cache and hand on the stored output, and the vision tower is not
+run. The stored states were computed in other batches (other widths and neighbours), so a replayed prefill may differ
+from a full one in the last bits, as any change of batch layout may: every answer of stage 03's validation and test
+generations was compared against the full prefill's when this was introduced (README, "Speed").
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
 
 
 def _inner(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _decoder_layers(model):
+    return _inner(model).model.language_model.layers
+
+
+def _changes_output(hook) -> bool:
+    """Whether a forward (pre-)hook may change what its module computes: any hook but transformers' own
+    output-capturing ones (installed on the first forward, they only read outputs when hidden states are asked for)."""
+    return not getattr(hook, "__module__", "").startswith("transformers.utils.output_capturing")
 
 
 def _shared_modules(model, layers: int) -> list[tuple[str, torch.nn.Module]]:
@@ -30,8 +44,9 @@ def _shared_modules(model, layers: int) -> list[tuple[str, torch.nn.Module]]:
 
 @torch.no_grad()
 def shared_identity(model, layers: int) -> str:
-    """SHA-256 over the shared part's parameters (names relative to their module, so a peft wrapper's prefix does not
-    matter; a LoRA module inside a shared layer adds parameters and so changes it)."""
+    """SHA-256 over the parameters of the part below decoder layer `layers` (names relative to their module, so a peft
+    wrapper's prefix does not matter; a LoRA module inside a shared layer adds parameters and so changes it). About
+    0.35 s for the organism's 92 M shared parameters."""
     h = hashlib.sha256()
     for part, module in _shared_modules(model, layers):
         for name, t in sorted(module.named_parameters(), key=lambda kv: kv[0]):
@@ -41,7 +56,10 @@ def shared_identity(model, layers: int) -> str:
 
 
 class SharedLowerLayers:
-    """Per input (its hash): layer 0..k-1 keys/values and layer k-1's output over the input's own tokens."""
+    """Per input (its hash): layers 0..k-1's keys/values and layer k-1's output over the input's own tokens.
+
+    Memory: on stage 03's 329 default test items about 0.65 GB (25k own tokens); the store lives as long as the
+    generation of one set of items for several models (evaluation.judging.generate_models)."""
 
     def __init__(self, layers: int):
         if layers < 1:
@@ -51,31 +69,45 @@ class SharedLowerLayers:
         self.states: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
 
     def usable_with(self, model) -> bool:
-        """True when `model`'s shared part has the weights the stored states came from (the first model fixes them)."""
+        """True when `model`'s shared part has the weights the stored states came from (the first model asked fixes
+        them) and no forward hook of it could change its states (e.g. a steering hook): else the model must prefill
+        those layers itself."""
+        if any(_changes_output(hook) for _, part in _shared_modules(model, self.layers) for m in part.modules()
+               for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]):
+            return False
         identity = shared_identity(model, self.layers)
         if self.identity is None:
             self.identity = identity
         return identity == self.identity
 
-    def record(self, keys: list[str], cache, hidden: torch.Tensor, own_lengths: list[int]) -> None:
-        """Store each row's own positions (the last `own_lengths[b]` of the batch, which is left-padded)."""
-        for b, (key, n) in enumerate(zip(keys, own_lengths)):
-            if key in self.states:
-                continue
-            ks = [cache.layers[i].keys[b, :, -n:].clone() for i in range(self.layers)]
-            vs = [cache.layers[i].values[b, :, -n:].clone() for i in range(self.layers)]
-            self.states[key] = (ks, vs, hidden[b, -n:].clone())
-
     def has(self, keys: list[str]) -> bool:
         return all(k in self.states for k in keys)
 
-    def batch(self, keys: list[str], width: int):
-        """(keys per layer, values per layer, states): the inputs' stored states left-padded with zeros to `width`."""
+    @contextlib.contextmanager
+    def recording(self, model, keys: list[str], cache, own_lengths: list[int]):
+        """Around a full prefill of a left-padded batch: afterwards each row's own positions (its last
+        `own_lengths[b]`) of layers 0..k-1's cache and of layer k-1's output are stored under the row's key."""
+        seen = {}
+        hook = _decoder_layers(model)[self.layers - 1].register_forward_hook(
+            lambda module, args, output: seen.__setitem__("hidden", output))
+        try:
+            yield
+        finally:
+            hook.remove()
+        hidden = seen["hidden"]
+        for b, (key, n) in enumerate(zip(keys, own_lengths)):
+            if key not in self.states:
+                self.states[key] = ([cache.layers[i].keys[b, :, -n:].clone() for i in range(self.layers)],
+                                    [cache.layers[i].values[b, :, -n:].clone() for i in range(self.layers)],
+                                    hidden[b, -n:].clone())
+
+    def _batch(self, keys: list[str], width: int):
+        """(keys per layer, values per layer, output): the inputs' stored states left-padded with zeros to `width`."""
         first_k, _, first_h = self.states[keys[0]]
-        B = len(keys)
-        ks = [first_k[0].new_zeros((B, first_k[0].shape[0], width, first_k[0].shape[2])) for _ in range(self.layers)]
-        vs = [k.clone() for k in ks]
-        hidden = first_h.new_zeros((B, width, first_h.shape[1]))
+        shape = (len(keys), first_k[0].shape[0], width, first_k[0].shape[2])
+        ks = [first_k[0].new_zeros(shape) for _ in range(self.layers)]
+        vs = [first_k[0].new_zeros(shape) for _ in range(self.layers)]
+        hidden = first_h.new_zeros((len(keys), width, first_h.shape[1]))
         for b, key in enumerate(keys):
             k_i, v_i, h_i = self.states[key]
             n = h_i.shape[0]
@@ -85,36 +117,30 @@ class SharedLowerLayers:
             hidden[b, width - n:] = h_i
         return ks, vs, hidden
 
+    @contextlib.contextmanager
+    def replaying(self, model, keys: list[str], width: int):
+        """Around a prefill of the stored inputs `keys` (left-padded to `width`, without pixel_values): decoder
+        layers 0..k-1 are _Replay modules for its duration."""
+        ks, vs, hidden = self._batch(keys, width)
+        layers = _decoder_layers(model)
+        saved = [layers[i] for i in range(self.layers)]
+        try:
+            for i in range(self.layers):
+                layers[i] = _Replay(i, i == self.layers - 1, ks[i], vs[i], hidden)
+            yield
+        finally:
+            for i, layer in enumerate(saved):
+                layers[i] = layer
+
 
 class _Replay(torch.nn.Module):
     """Stands in for decoder layer `index` in one prefill: writes the stored keys/values into the cache; the last
     shared layer returns the stored output (earlier ones pass their input on, which nothing reads)."""
 
-    def __init__(self, index: int, last: bool, keys, values, hidden):
+    def __init__(self, index: int, last: bool, keys: torch.Tensor, values: torch.Tensor, hidden: torch.Tensor):
         super().__init__()
         self.index, self.last, self.k, self.v, self.hidden = index, last, keys, values, hidden
 
     def forward(self, hidden_states, *args, past_key_values=None, **kwargs):
         past_key_values.update(self.k, self.v, self.index)
         return self.hidden if self.last else hidden_states
-
-
-class replaying:
-    """Context manager: decoder layers 0..k-1 of `model` replaced by _Replay modules for one forward pass."""
-
-    def __init__(self, model, store: SharedLowerLayers, ks, vs, hidden):
-        self.layers = _inner(model).model.language_model.layers
-        self.store, self.parts = store, (ks, vs, hidden)
-
-    def __enter__(self):
-        ks, vs, hidden = self.parts
-        k = self.store.layers
-        self.saved = [self.layers[i] for i in range(k)]
-        for i in range(k):
-            self.layers[i] = _Replay(i, i == k - 1, ks[i], vs[i], hidden)
-        return self
-
-    def __exit__(self, *exc):
-        for i, layer in enumerate(self.saved):
-            self.layers[i] = layer
-        return False

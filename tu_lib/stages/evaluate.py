@@ -54,7 +54,7 @@ from ..evaluation.curves import (cost_figure, curve_figure, curve_problem, match
                                  safety_levels, score_curve, step_gflop)
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
-from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method
+from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method, generate_models
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
 from ..evaluation.selection import (RULE_CONDITIONS, check_named_checkpoints, evaluated_checkpoints, named_checkpoints,
                                     picked_checkpoints, rule_problem)
@@ -63,7 +63,7 @@ from ..judges.registry import REQUIRED_JUDGE
 from ..methods.registry import METHODS
 
 __all__ = ["NOTEBOOK", "SPEC", "resolve_params", "check_inputs", "asr_figure", "reference_numbers", "write_outputs",
-           "build_items", "Judges", "generate_method", "judge_agreement", "mc1_for", "metric_rows", "paper_table",
+           "build_items", "Judges", "generate_method", "generate_models", "judge_agreement", "mc1_for", "metric_rows", "paper_table",
            "keyword_agreement", "ab_table", "format_ab", "vs_base", "curve_problem", "score_curve", "step_gflop",
            "curve_figure", "cost_figure", "safety_levels", "matched_cost_ratio", "picked_checkpoints", "training_curve",
            "checkpoints_to_evaluate", "evaluated_checkpoints", "evaluated_weights", "generate_picked", "mc1_picked", "picks_frame", "with_vs_base", "vs_base_table", "main"]
@@ -205,12 +205,10 @@ def evaluated_weights(picks: dict[str, dict], method: str) -> tuple[str, Path | 
     return method, (resolve_path(pick["checkpoint"]) if pick else None)
 
 
-def generate_picked(vlm, P: dict, method: str, items: list[dict], out: Path, picks: dict[str, dict],
-                    lower=None) -> list[str]:
-    """generate_method at the checkpoint `picks` holds for `method` (evaluated_weights); `lower`: a
-    judging.shared_lower_layers store shared by the calls over the same items."""
-    model, folder = evaluated_weights(picks, method)
-    return generate_method(vlm, P, model, items, out, folder=folder, desc=method, lower=lower)
+def generate_picked(vlm, P: dict, items: list[dict], out: Path, picks: dict[str, dict]) -> dict[str, list[str]]:
+    """Every model of P["methods"] answering `items` at the checkpoint `picks` holds for it (evaluated_weights), by
+    generate_models (the layers below the adapters prefilled once per item)."""
+    return generate_models(vlm, P, {m: evaluated_weights(picks, m) for m in P["methods"]}, items, out)
 
 
 def mc1_picked(vlm, P: dict, method: str, provenance: dict, picks: dict[str, dict]) -> list[dict]:
