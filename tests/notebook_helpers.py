@@ -1,4 +1,6 @@
-"""Running a notebook through papermill as a user does, expecting it to stop early and write nothing."""
+"""Helpers shared by the tests: running a notebook through papermill as a user does (expecting it to stop early and
+write nothing), and perturbing a layer's weights for a block."""
+import contextlib
 import json
 
 import papermill as pm
@@ -51,3 +53,20 @@ def finished_method_run(run, preset: str = "organism", weights: bytes | None = N
     (run / "losses.csv").write_text("step\n1\n")
     files = file_hashes(run, ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "losses.csv"])
     (run / "summary.json").write_text(json.dumps({"preset": preset, "steps_done": 1, "files": files}))
+
+
+@contextlib.contextmanager
+def perturbed(layer):
+    """`layer`'s weights moved by noise for the block (a stand-in for another model's weights), restored after."""
+    import torch
+
+    saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in layer.named_parameters():
+                p.copy_(saved[n])

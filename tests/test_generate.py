@@ -2,12 +2,12 @@
 through `model.generate`, on the tiny random `micro` preset. Speed is measured by benchmarks/bench_generate.py."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 
 import pytest
 import torch
+from notebook_helpers import perturbed
 from PIL import Image
 
 from tu_lib.core import TuError
@@ -229,21 +229,6 @@ def _jsonl_items(micro):
     return [{"key": i, "text": t, "image": im} for i, (t, im) in enumerate(zip(texts, images))]
 
 
-@contextlib.contextmanager
-def _perturbed(layer):
-    """`layer`'s weights moved by noise for the block (a stand-in for another model's weights), restored after."""
-    saved = {n: p.detach().clone() for n, p in layer.named_parameters()}
-    try:
-        with torch.no_grad():
-            for p in layer.parameters():
-                p.add_(0.05 * torch.randn_like(p))
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in layer.named_parameters():
-                p.copy_(saved[n])
-
-
 def _counting_replays(store):
     """The input keys of every replayed prefill of `store`, appended as they happen."""
     replays, original = [], store.replaying
@@ -264,7 +249,7 @@ def test_replayed_lower_layers_give_the_answers_of_a_full_prefill(micro, tmp_pat
     first = run(tmp_path / "first.jsonl", lower=store)
     assert len(store.states) == len(items)
     replays = _counting_replays(store)
-    with _perturbed(layers[k]):
+    with perturbed(layers[k]):
         full = run(tmp_path / "full.jsonl")
         replayed = run(tmp_path / "replay.jsonl", lower=store)
     assert replayed == full and full != first
@@ -279,7 +264,7 @@ def test_lower_layers_of_other_weights_or_with_hooks_are_not_replayed(micro, tmp
     run = functools.partial(G.generate_jsonl, micro.model, micro.processor, items, max_new_tokens=9, batch_size=3)
     first = run(tmp_path / "first.jsonl", lower=store)
     replays = _counting_replays(store)
-    with _perturbed(layers[0]):
+    with perturbed(layers[0]):
         assert not store.usable_with(micro.model)
         full = run(tmp_path / "full.jsonl")
         other = run(tmp_path / "other.jsonl", lower=store)

@@ -36,3 +36,41 @@ def test_bad_inputs_are_named(micro):
         continuation_logprobs(micro.model, [[]], [[[1, 2]]])
     with pytest.raises(TuError, match="one list per prompt"):
         continuation_logprobs(micro.model, [[1, 2]], [])
+
+
+def _scoring_inputs(micro, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    vocab = micro.model.config.text_config.vocab_size
+    rand = lambda n: torch.randint(5, vocab - 5, (n,), generator=g).tolist()  # noqa: E731
+    return [rand(n) for n in (3, 9, 5, 12)], [[rand(n) for n in lens] for lens in ([4, 1, 0], [7], [2, 6, 3], [5, 5])]
+
+
+def test_a_forward_tape_replays_the_shared_layers_with_the_same_numbers(micro):
+    """A second model sharing the lower layers replays them from the first model's tape: its log-probs equal, bit
+    for bit, those it computes alone (its upper layer differs, so they differ from the first model's)."""
+    from notebook_helpers import perturbed
+
+    from tu_lib.models.lower_layers import ForwardTape
+
+    prompts, conts = _scoring_inputs(micro)
+    layers = micro.decoder_layers()
+    tape = ForwardTape(len(layers) // 2)
+    score = lambda **kw: continuation_logprobs(micro.model, prompts, conts, batch_size=3, max_tokens_per_chunk=10, **kw)  # noqa: E731
+    first = score(tape=tape)
+    recorded = len(tape.calls)
+    assert recorded >= 4  # two prompt batches and their continuation chunks
+    swaps = []
+    original = tape._swapped
+    tape._swapped = lambda *a: swaps.append(1) or original(*a)
+    with perturbed(layers[len(layers) // 2]):
+        alone, replayed = score(), score(tape=tape)
+    flat = lambda out: np.concatenate([o for row in out for o in row])  # noqa: E731
+    assert np.array_equal(flat(replayed), flat(alone)) and not np.array_equal(flat(alone), flat(first))
+    assert len(swaps) == recorded and len(tape.calls) == recorded  # every pass replayed, none recorded again
+    # other inputs, or other weights below the shared boundary: the tape is not used
+    other = _scoring_inputs(micro, seed=2)
+    assert np.array_equal(flat(continuation_logprobs(micro.model, *other, batch_size=3, max_tokens_per_chunk=10, tape=tape)),
+                          flat(continuation_logprobs(micro.model, *other, batch_size=3, max_tokens_per_chunk=10)))
+    with perturbed(layers[0]):
+        assert np.array_equal(flat(score(tape=tape)), flat(score()))
+    assert len(swaps) == recorded

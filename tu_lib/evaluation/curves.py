@@ -26,7 +26,7 @@ from ..core.plots import theme
 from ..data.sets import ATTACK_SETS, EVAL_SETS
 from ..methods.run import curve_checkpoints
 from .items import build_items
-from .judging import generate_models
+from .judging import forward_tape, generate_models
 from .metrics import judge_metrics, mc1_for
 
 TEXT_ATTACK_SETS = tuple(n for n in ATTACK_SETS if EVAL_SETS[n].image is None)
@@ -138,8 +138,9 @@ def score_curve(vlm, P: dict, judge_set, out, gflop_per_step: dict[str, float] |
     judged = judge_set.judge_all(items, answers)
     scores = {label: checkpoint_scores(judged[label], V["seed"]) for label in models}
     if "utility_truthfulqa" in V["sets"]:  # stage 03's MC1 row of each checkpoint, its columns renamed
+        tape = forward_tape(V)  # the layers below the adapters scored once for all checkpoints
         for label, (m, _, folder) in models.items():
-            mc1 = mc1_for(vlm, V, m, judge_set.provenance(), folder=folder)[0]
+            mc1 = mc1_for(vlm, V, m, judge_set.provenance(), folder=folder, tape=tape)[0]
             scores[label].update({f"mc1{s}": mc1[k] for s, k in (("", "rate"), ("_n", "n"), ("_ci_low", "ci_low"),
                                                                  ("_ci_high", "ci_high"))})
     gflop = gflop_per_step or {}

@@ -30,14 +30,12 @@ def method_weights(vlm, P: dict, method: str, folder: Path | None = None):
     return adapter_applied(vlm, folder if folder is not None else resolve_path(P["unlearn_dir"]) / method)
 
 
-def shared_lower_layers(P: dict):
-    """A store for the prefill states of the decoder layers all of P's models share (models.lower_layers): the layers
-    below the lowest `lora_first_layer` of stage 02's runs of P's methods (15 on the organism's profiles). None when a
-    run adapts every layer (the paper profile's 0) or fine-tunes the whole LLM, or a run's summary cannot be read
-    (check_eval_inputs has then already said what is missing): every model then prefills in full."""
+def _shared_layer_count(P: dict) -> int:
+    """How many decoder layers (from the bottom) all of P's models share: those below the lowest `lora_first_layer`
+    of stage 02's runs of P's methods (15 on the organism's profiles). 0 when a run adapts every layer (the paper
+    profile) or fine-tunes the whole LLM, or a run's summary cannot be read (check_eval_inputs has then already said
+    what is missing)."""
     import json
-
-    from ..models.lower_layers import SharedLowerLayers
 
     firsts = []
     for m in P["methods"]:
@@ -46,10 +44,27 @@ def shared_lower_layers(P: dict):
         try:
             config = json.loads((resolve_path(P["unlearn_dir"]) / m / "summary.json").read_text(encoding="utf-8"))["config"]
         except (OSError, ValueError, KeyError):
-            return None
+            return 0
         firsts.append(config.get("lora_first_layer", 0) if config.get("lora", True) else 0)
-    k = min(firsts, default=0)
+    return min(firsts, default=0)
+
+
+def shared_lower_layers(P: dict):
+    """A store for the generation prefill states of the layers all of P's models share (models.lower_layers), or
+    None when they share none: every model then prefills in full."""
+    from ..models.lower_layers import SharedLowerLayers
+
+    k = _shared_layer_count(P)
     return SharedLowerLayers(k) if k > 0 else None
+
+
+def forward_tape(P: dict):
+    """A tape of the shared layers' states for continuation scoring (TruthfulQA MC1) of several of P's models on the
+    same questions (models.lower_layers.ForwardTape), or None when they share no layer."""
+    from ..models.lower_layers import ForwardTape
+
+    k = _shared_layer_count(P)
+    return ForwardTape(k) if k > 0 else None
 
 
 def generate_models(vlm, P: dict, models: dict[str, tuple[str, Path | None]], items: list[dict], out: Path,

@@ -42,12 +42,14 @@ def judge_metrics(kind: str, judged: pd.DataFrame):
                 yield entry.name, metric, values
 
 
-def mc1_for(vlm, P: dict, method: str, judges_prov: dict, folder: Path | None = None) -> list[dict]:
+def mc1_for(vlm, P: dict, method: str, judges_prov: dict, folder: Path | None = None, tape=None) -> list[dict]:
     """TruthfulQA MC1 by log-likelihood (text utility) of one model (base, or a method's adapter: its final weights,
-    or those of a curve point's `folder`), on the P["split"] part of the set (its first P["n_per_set"] questions)."""
+    or those of a curve point's `folder`), on the P["split"] part of the set (its first P["n_per_set"] questions).
+    `tape`: judging.forward_tape(P), shared by the calls of several models on the same P (the same numbers, the
+    layers below the adapters computed once)."""
     table = pd.DataFrame(take(split_rows(P["data_dir"], "utility_truthfulqa", P["split"]), P["n_per_set"]))
     with method_weights(vlm, P, method, folder):
-        hits = truthfulqa_mc1(vlm.model, vlm.tokenizer, table, chat_fn=lambda p: vlm.chat(p, False))
+        hits = truthfulqa_mc1(vlm.model, vlm.tokenizer, table, chat_fn=lambda p: vlm.chat(p, False), tape=tape)
     return [{"preset": P["preset"], "method": method, "set": "utility_truthfulqa", "metric": "mc1", "judge": "log_likelihood",
              "judge_version": "mc1/loglik@1", **stats.rate(np.asarray(hits, dtype=bool), seed=P["seed"])}]
 
@@ -90,7 +92,7 @@ def paper_table(results: pd.DataFrame, judge: str = "refusal_keywords") -> pd.Da
 
 
 @torch.inference_mode()
-def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8) -> list[int]:
+def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8, tape=None) -> list[int]:
     """MC1 by log-likelihood: 1 where the best answer out-scores every incorrect answer (summed log-probs
     of the answer's own tokens after the formatted question; each question is run once for all its
     options). `chat_fn(prompt)` formats the question (default: the organism's ChatML)."""
@@ -100,5 +102,5 @@ def truthfulqa_mc1(model, tok, table, chat_fn=None, batch_size: int = 8) -> list
         prompt = chat_fn(row["prompt"]) if chat_fn else chat(tok, row["prompt"])
         prompts.append(tok(prompt, add_special_tokens=False)["input_ids"])
         options.append([tok(c, add_special_tokens=False)["input_ids"] for c in choices])
-    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=tok.pad_token_id)
+    scores = continuation_logprobs(model, prompts, options, batch_size=batch_size, pad_id=tok.pad_token_id, tape=tape)
     return [int(np.argmax([lp.astype(np.float64).sum() for lp in row]) == 0) for row in scores]

@@ -55,22 +55,19 @@ def shared_identity(model, layers: int) -> str:
     return h.hexdigest()[:16]
 
 
-class SharedLowerLayers:
-    """Per input (its hash): layers 0..k-1's keys/values and layer k-1's output over the input's own tokens.
-
-    Memory: on stage 03's 329 default test items about 0.65 GB (25k own tokens); the store lives as long as the
-    generation of one set of items for several models (evaluation.judging.generate_models)."""
+class _SharedPart:
+    """States of decoder layers 0..k-1 recorded with one model and replayed into another whose shared part has the
+    same weights (`usable_with`)."""
 
     def __init__(self, layers: int):
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         self.layers = layers
         self.identity: str | None = None
-        self.states: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
 
     def usable_with(self, model) -> bool:
         """True when `model`'s shared part has the weights the stored states came from (the first model asked fixes
-        them) and no forward hook of it could change its states (e.g. a steering hook): else the model must prefill
+        them) and no forward hook of it could change its states (e.g. a steering hook): else the model must compute
         those layers itself."""
         if any(_changes_output(hook) for _, part in _shared_modules(model, self.layers) for m in part.modules()
                for hook in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]):
@@ -79,6 +76,32 @@ class SharedLowerLayers:
         if self.identity is None:
             self.identity = identity
         return identity == self.identity
+
+    @contextlib.contextmanager
+    def _swapped(self, model, ks: list[torch.Tensor], vs: list[torch.Tensor], hidden: torch.Tensor):
+        """Decoder layers 0..k-1 are _Replay modules (writing ks/vs into the cache, handing on `hidden`) for the
+        block."""
+        layers = _decoder_layers(model)
+        saved = [layers[i] for i in range(self.layers)]
+        try:
+            for i in range(self.layers):
+                layers[i] = _Replay(i, i == self.layers - 1, ks[i], vs[i], hidden)
+            yield
+        finally:
+            for i, layer in enumerate(saved):
+                layers[i] = layer
+
+
+class SharedLowerLayers(_SharedPart):
+    """Per input (its hash): layers 0..k-1's keys/values and layer k-1's output over the input's own tokens, for
+    generation (models.generate), whose batches differ between models (rows leave as they finish).
+
+    Memory: on stage 03's 329 default test items about 0.65 GB (25k own tokens); the store lives as long as the
+    generation of one set of items for several models (evaluation.judging.generate_models)."""
+
+    def __init__(self, layers: int):
+        super().__init__(layers)
+        self.states: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
 
     def has(self, keys: list[str]) -> bool:
         return all(k in self.states for k in keys)
@@ -121,16 +144,63 @@ class SharedLowerLayers:
     def replaying(self, model, keys: list[str], width: int):
         """Around a prefill of the stored inputs `keys` (left-padded to `width`, without pixel_values): decoder
         layers 0..k-1 are _Replay modules for its duration."""
-        ks, vs, hidden = self._batch(keys, width)
+        with self._swapped(model, *self._batch(keys, width)):
+            yield
+
+
+class ForwardTape(_SharedPart):
+    """Layers 0..k-1's keys/values and layer k-1's output of every forward pass of a sequence that is the same
+    whatever the model: continuation scoring (models.likelihood), whose batches and chunks depend only on its inputs.
+    The first model records the sequence; a later one given the same inputs (`start`) replays every pass, so its
+    numbers are bit-identical to computing those layers itself (the same shapes and weights, computed once)."""
+
+    def __init__(self, layers: int):
+        super().__init__(layers)
+        self.signature: str | None = None
+        self.calls: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = []
+        self.position = 0
+
+    def start(self, model, inputs) -> bool:
+        """Begin a model's pass through the sequence that `inputs` (anything with a stable repr, e.g. the token
+        lists and batch sizes) determine: True when the tape records it (the first model) or replays it (same inputs,
+        same shared weights), False when it cannot serve this model."""
+        signature = hashlib.sha256(repr(inputs).encode()).hexdigest()
+        if (self.signature is not None and signature != self.signature) or not self.usable_with(model):
+            return False
+        self.signature, self.position = signature, 0
+        return True
+
+    @contextlib.contextmanager
+    def forward(self, model, input_ids: torch.Tensor):
+        """Around the sequence's next forward pass (text only): replayed when recorded, else recorded."""
+        index, self.position = self.position, self.position + 1
+        if index < len(self.calls):
+            recorded, ks, vs, hidden = self.calls[index]
+            if not torch.equal(recorded, input_ids):
+                raise RuntimeError("ForwardTape: a pass differs from the recorded sequence although its inputs are "
+                                   "the same; the caller's batching must depend on its inputs only.")
+            with self._swapped(model, ks, vs, hidden):
+                yield
+            return
+        n = input_ids.shape[1]
+        ks, vs, seen = [None] * self.layers, [None] * self.layers, {}
+
+        def keep(i):
+            def hook(module, args, kwargs, output):
+                layer = kwargs["past_key_values"].layers[i]
+                ks[i], vs[i] = layer.keys[:, :, -n:].clone(), layer.values[:, :, -n:].clone()
+                if i == self.layers - 1:
+                    seen["hidden"] = (output[0] if isinstance(output, tuple) else output).clone()
+            return hook
+
         layers = _decoder_layers(model)
-        saved = [layers[i] for i in range(self.layers)]
+        hooks = [layers[i].register_forward_hook(keep(i), with_kwargs=True) for i in range(self.layers)]
         try:
-            for i in range(self.layers):
-                layers[i] = _Replay(i, i == self.layers - 1, ks[i], vs[i], hidden)
             yield
         finally:
-            for i, layer in enumerate(saved):
-                layers[i] = layer
+            for h in hooks:
+                h.remove()
+        self.calls.append((input_ids.clone(), ks, vs, seen["hidden"]))
 
 
 class _Replay(torch.nn.Module):

@@ -54,7 +54,7 @@ from ..evaluation.curves import (cost_figure, curve_figure, curve_problem, match
                                  safety_levels, score_curve, step_gflop)
 from ..evaluation.inputs import check_eval_inputs, input_hashes, resolve_user_sets
 from ..evaluation.items import build_items
-from ..evaluation.judging import JUDGE_NAMES, Judges, generate_method, generate_models
+from ..evaluation.judging import JUDGE_NAMES, Judges, forward_tape, generate_method, generate_models
 from ..evaluation.metrics import judge_agreement, mc1_for, metric_rows, paper_table
 from ..evaluation.selection import (RULE_CONDITIONS, check_named_checkpoints, evaluated_checkpoints, named_checkpoints,
                                     picked_checkpoints, rule_problem)
@@ -211,10 +211,14 @@ def generate_picked(vlm, P: dict, items: list[dict], out: Path, picks: dict[str,
     return generate_models(vlm, P, {m: evaluated_weights(picks, m) for m in P["methods"]}, items, out)
 
 
-def mc1_picked(vlm, P: dict, method: str, provenance: dict, picks: dict[str, dict]) -> list[dict]:
-    """mc1_for at the checkpoint `picks` holds for `method`, its rows labelled `method`."""
-    model, folder = evaluated_weights(picks, method)
-    return [{**row, "method": method} for row in mc1_for(vlm, P, model, provenance, folder=folder)]
+def mc1_picked(vlm, P: dict, provenance: dict, picks: dict[str, dict]) -> dict[str, list[dict]]:
+    """method -> its TruthfulQA MC1 rows (mc1_for) at the checkpoint `picks` holds for it, labelled with the method,
+    for every method of P["methods"] (one forward_tape: the layers below the adapters scored once)."""
+    tape, rows = forward_tape(P), {}
+    for method in P["methods"]:
+        model, folder = evaluated_weights(picks, method)
+        rows[method] = [{**row, "method": method} for row in mc1_for(vlm, P, model, provenance, folder=folder, tape=tape)]
+    return rows
 
 
 def picks_frame(picks: dict[str, dict]) -> pd.DataFrame:
