@@ -77,7 +77,7 @@ def continuation_logprobs(model, prompts: Sequence[Sequence[int]], continuations
                 chunk = []
             chunk.append((r, j))
         _score_chunk(model, device, [(batch[r_], j_, r_) for r_, j_ in chunk], continuations, prompt_run, pad_id, out,
-                             taped)
+                     taped)
     return out
 
 

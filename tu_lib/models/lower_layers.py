@@ -10,6 +10,8 @@ modules that write the stored keys/values into the cache and hand on the stored 
 run. The stored states were computed in other batches (other widths and neighbours), so a replayed prefill may differ
 from a full one in the last bits, as any change of batch layout may: every answer of stage 03's validation and test
 generations was compared against the full prefill's when this was introduced (README, "Speed").
+`ForwardTape` does the same for continuation scoring (TruthfulQA MC1), whose passes are the same whatever the model:
+it replays them pass by pass, so there the numbers are bit-identical.
 """
 from __future__ import annotations
 
