@@ -275,3 +275,19 @@ def test_lower_layers_of_other_weights_or_with_hooks_are_not_replayed(micro, tmp
         assert not store.usable_with(micro.model)
     finally:
         hook.remove()
+
+
+def test_a_full_store_leaves_the_rest_to_full_prefills(micro, tmp_path):
+    """Inputs beyond the store's byte budget are not stored: they prefill in full for every model, the answers the same."""
+    from tu_lib.models.lower_layers import SharedLowerLayers
+
+    items, layers = _jsonl_items(micro), micro.decoder_layers()
+    k = len(layers) // 2
+    probe = SharedLowerLayers(k)
+    run = functools.partial(G.generate_jsonl, micro.model, micro.processor, items, max_new_tokens=9, batch_size=3)
+    run(tmp_path / "probe.jsonl", lower=probe)
+    store = SharedLowerLayers(k, max_bytes=probe.bytes // 2)
+    run(tmp_path / "first.jsonl", lower=store)
+    assert 0 < len(store.states) < len(items) and store.bytes <= store.max_bytes
+    with perturbed(layers[k]):
+        assert run(tmp_path / "replay.jsonl", lower=store) == run(tmp_path / "full.jsonl")

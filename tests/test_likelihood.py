@@ -74,3 +74,23 @@ def test_a_forward_tape_replays_the_shared_layers_with_the_same_numbers(micro):
     with perturbed(layers[0]):
         assert np.array_equal(flat(score(tape=tape)), flat(score()))
     assert len(swaps) == recorded
+
+
+def test_a_full_tape_replays_its_recorded_prefix_and_runs_the_rest(micro):
+    from notebook_helpers import perturbed
+
+    from tu_lib.models.lower_layers import ForwardTape
+
+    prompts, conts = _scoring_inputs(micro)
+    layers = micro.decoder_layers()
+    k = len(layers) // 2
+    score = lambda **kw: continuation_logprobs(micro.model, prompts, conts, batch_size=3, max_tokens_per_chunk=10, **kw)  # noqa: E731
+    probe = ForwardTape(k)
+    score(tape=probe)
+    tape = ForwardTape(k, max_bytes=probe.bytes // 2)
+    score(tape=tape)
+    assert 0 < len(tape.calls) < len(probe.calls)
+    flat = lambda out: np.concatenate([o for row in out for o in row])  # noqa: E731
+    with perturbed(layers[k]):
+        assert np.array_equal(flat(score(tape=tape)), flat(score()))
+    assert 0 < len(tape.calls) < len(probe.calls)  # nothing recorded out of order

@@ -30,6 +30,9 @@ def _decoder_layers(model):
     return _inner(model).model.language_model.layers
 
 
+MAX_BYTES = 4 * 2**30  # per store: the organism's 329 test items need about 0.65 GB; LLaVA-7B's would need far more
+
+
 def _changes_output(hook) -> bool:
     """Whether a forward (pre-)hook may change what its module computes: any hook but transformers' own
     output-capturing ones (installed on the first forward, they only read outputs when hidden states are asked for)."""
@@ -61,11 +64,20 @@ class _SharedPart:
     """States of decoder layers 0..k-1 recorded with one model and replayed into another whose shared part has the
     same weights (`usable_with`)."""
 
-    def __init__(self, layers: int):
+    def __init__(self, layers: int, max_bytes: int = MAX_BYTES):
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
-        self.layers = layers
+        self.layers, self.max_bytes = layers, max_bytes
         self.identity: str | None = None
+        self.bytes = 0  # held by the stored states
+
+    def _room_for(self, tensors: list[torch.Tensor]) -> bool:
+        """Count `tensors` against max_bytes when they fit (they are then to be stored), else False (not stored)."""
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self.bytes + size > self.max_bytes:
+            return False
+        self.bytes += size
+        return True
 
     def usable_with(self, model) -> bool:
         """True when `model`'s shared part has the weights the stored states came from (the first model asked fixes
@@ -99,10 +111,11 @@ class SharedLowerLayers(_SharedPart):
     generation (models.generate), whose batches differ between models (rows leave as they finish).
 
     Memory: on stage 03's 329 default test items about 0.65 GB (25k own tokens); the store lives as long as the
-    generation of one set of items for several models (evaluation.judging.generate_models)."""
+    generation of one set of items for several models (evaluation.judging.generate_models). Inputs beyond
+    `max_bytes` are not stored (they prefill in full for every model), so a large model does not run out of memory."""
 
-    def __init__(self, layers: int):
-        super().__init__(layers)
+    def __init__(self, layers: int, max_bytes: int = MAX_BYTES):
+        super().__init__(layers, max_bytes)
         self.states: dict[str, tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = {}
 
     def has(self, keys: list[str]) -> bool:
@@ -122,9 +135,10 @@ class SharedLowerLayers(_SharedPart):
         hidden = seen["hidden"]
         for b, (key, n) in enumerate(zip(keys, own_lengths)):
             if key not in self.states:
-                self.states[key] = ([cache.layers[i].keys[b, :, -n:].clone() for i in range(self.layers)],
-                                    [cache.layers[i].values[b, :, -n:].clone() for i in range(self.layers)],
-                                    hidden[b, -n:].clone())
+                ks = [cache.layers[i].keys[b, :, -n:] for i in range(self.layers)]
+                vs = [cache.layers[i].values[b, :, -n:] for i in range(self.layers)]
+                if self._room_for([*ks, *vs, hidden[b, -n:]]):  # else this input prefills in full for every model
+                    self.states[key] = ([k.clone() for k in ks], [v.clone() for v in vs], hidden[b, -n:].clone())
 
     def _batch(self, keys: list[str], width: int):
         """(keys per layer, values per layer, output): the inputs' stored states left-padded with zeros to `width`."""
@@ -156,8 +170,8 @@ class ForwardTape(_SharedPart):
     The first model records the sequence; a later one given the same inputs (`start`) replays every pass, so its
     numbers are bit-identical to computing those layers itself (the same shapes and weights, computed once)."""
 
-    def __init__(self, layers: int):
-        super().__init__(layers)
+    def __init__(self, layers: int, max_bytes: int = MAX_BYTES):
+        super().__init__(layers, max_bytes)
         self.signature: str | None = None
         self.calls: list[tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], torch.Tensor]] = []
         self.position = 0
@@ -184,6 +198,10 @@ class ForwardTape(_SharedPart):
             with self._swapped(model, ks, vs, hidden):
                 yield
             return
+        if index > len(self.calls) or self.bytes >= self.max_bytes:  # the tape is full: the rest runs in full
+            self.bytes = self.max_bytes
+            yield
+            return
         n = input_ids.shape[1]
         ks, vs, seen = [None] * self.layers, [None] * self.layers, {}
 
@@ -202,7 +220,10 @@ class ForwardTape(_SharedPart):
         finally:
             for h in hooks:
                 h.remove()
-        self.calls.append((input_ids.clone(), ks, vs, seen["hidden"]))
+        if self._room_for([*ks, *vs, seen["hidden"]]):
+            self.calls.append((input_ids.clone(), ks, vs, seen["hidden"]))
+        else:
+            self.bytes = self.max_bytes  # no later pass is recorded: the replayed ones must stay a prefix
 
 
 class _Replay(torch.nn.Module):
