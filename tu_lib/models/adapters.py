@@ -20,6 +20,11 @@ def lora_target_regex(language_model_prefix: str, names, layers) -> str:
     return rf"(?:.*\.)?{re.escape(language_model_prefix)}\.layers\.{layer_re}\.(?:\w+\.)*(?:{names})"
 
 
+def unwrapped(model):
+    """The transformers model under a peft wrapper (or the model itself): where the decoder layers are reached."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def save_adapter(peft_model, path, dtype=None) -> None:
     """LoRA weights as safetensors plus peft's adapter_config.json. The organism stores bf16 (half the
     size; its card is measured after reloading them); unlearning keeps fp32 so resumed runs hash equal."""

@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # PIL is imported lazily: bad parameters fail before heavy im
 from ..core.device import DTYPES
 from ..core.errors import ParameterError, TuError
 from ..core.records import note_model_dtype
+from .adapters import unwrapped
 from .chat import _CHAT_FUNCTIONS, FAMILIES
 
 PRESETS = ("micro", "organism", "llava-1.5-7b", "llava-1.5-13b")
@@ -61,8 +62,7 @@ class VLM:
     @property
     def base_model(self):
         """The LlavaForConditionalGeneration, also when `model` is a peft wrapper."""
-        m = self.model
-        return m.get_base_model() if hasattr(m, "get_base_model") else m
+        return unwrapped(self.model)
 
     @property
     def device(self):

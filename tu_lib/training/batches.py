@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from ..models.adapters import unwrapped
+
 
 def encode_batch(tok, processor, rows: list[tuple[str, str, object]]) -> dict:
     """Right-padded training batch from (prompt text, prompt + answer text, image or None) rows, with
@@ -37,14 +39,10 @@ def encode_batch(tok, processor, rows: list[tuple[str, str, object]]) -> dict:
     return batch
 
 
-def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def answer_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logits, targets, row index) at the answer positions only, for any causal LM or LLaVA (peft-wrapped
     or not): one forward through the decoder, then the LM head on the positions that carry a label."""
-    inner = _inner(model)
+    inner = unwrapped(model)
     param = next(inner.parameters())
     batch = {k: v.to(param.device) for k, v in batch.items()}  # batches are built on the CPU; GPU presets need them moved
     inputs = {k: v for k, v in batch.items() if k != "labels"}
