@@ -25,16 +25,13 @@ def micro():
 
 @pytest.fixture(scope="module")
 def backbone():
-    """The organism's frozen SmolLM2-135M backbone (fp32), if it can be built offline here."""
-    import time
-
+    """The organism's frozen SmolLM2-135M backbone (fp32), if it can be built offline here (no timing is asserted:
+    a slow machine is not a failure; the first load converts the packaged GGUF into the cache)."""
     from tu_lib.core import TuError
     from tu_lib.models.presets import organism
 
-    t0 = time.perf_counter()
     try:
         model, tok = organism.load_backbone()
     except TuError as e:
         pytest.skip(f"backbone unavailable: {e}")
-    assert time.perf_counter() - t0 < 15, "the backbone should load in seconds; the fluency tests assume it"
     return model, tok
